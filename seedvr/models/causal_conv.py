@@ -1,0 +1,136 @@
+"""Causal video layers of the SeedVR2 VAE: a 3-D convolution that never looks at
+future frames, the per-frame GroupNorm, and the cache that lets a clip be
+processed in temporal chunks with results equal to one pass over the clip.
+
+Causality in time: a conv with temporal padding `pt` sees `2·pt` copies of the
+first frame before the clip and nothing after it. When a clip is cut into
+chunks, every conv instead prepends the input frames that the previous chunk
+left unconsumed (`kt - st` of them for the shapes used here), kept in a
+`TemporalCache`. Norms and attention work frame by frame, so chunking is exact.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GIB = 1024**3
+
+# fp32 working set of one per-frame GroupNorm call; larger inputs are normalised
+# a few frames at a time (exact: statistics never cross frames).
+NORM_CHUNK_BYTES = GIB // 2
+
+
+class TemporalCache:
+    """Frames carried from one temporal chunk of a clip to the next.
+
+    Create one per encode/decode call, pass it to every layer of each chunk in
+    order, and call `next_chunk()` between chunks. Each causal conv stores the
+    tail of its (time-padded) input that its windows have not consumed yet; the
+    next chunk starts from that tail instead of replicating its first frame.
+    """
+
+    def __init__(self):
+        self.is_first_chunk = True
+        self._tails: dict[nn.Module, Tensor] = {}
+
+    def next_chunk(self) -> None:
+        self.is_first_chunk = False
+
+    def pop(self, layer: nn.Module) -> Tensor | None:
+        return self._tails.pop(layer, None)
+
+    def put(self, layer: nn.Module, frames: Tensor) -> None:
+        self._tails[layer] = frames
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d, causal in time (first-frame replication), zero-padded in space.
+
+    `padding` is `(pt, ph, pw)` (or one int): `2·pt` copies of the first frame
+    are prepended, `ph`/`pw` zero rows/columns are added on both sides. Inputs
+    whose padded size exceeds `max_input_bytes` are convolved in pieces along H,
+    each with the halo rows its kernel needs (exact).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=bias)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        self.time_padding = pt
+        self.space_padding = (ph, pw)
+        self.max_input_bytes = GIB // 2
+
+    def forward(self, x: Tensor, cache: TemporalCache | None = None) -> Tensor:
+        # x: (B, C, T, H, W) -> (B, C_out, T_out, H_out, W_out)
+        x = self._extend_time(x, cache)
+        return self._convolve(x)
+
+    def _extend_time(self, x: Tensor, cache: TemporalCache | None) -> Tensor:
+        head = None
+        if cache is None or cache.is_first_chunk:
+            if self.time_padding > 0:
+                head = x[:, :, :1].expand(-1, -1, 2 * self.time_padding, -1, -1)
+        else:
+            head = cache.pop(self)
+        if head is not None:
+            x = torch.cat([head, x], dim=2)
+
+        if cache is not None:
+            kt, st = self.kernel_size[0], self.stride[0]
+            windows = (x.size(2) - kt) // st + 1 if x.size(2) >= kt else 0
+            if windows * st < x.size(2):  # clone: a view would keep the whole chunk alive
+                cache.put(self, x[:, :, windows * st :].clone())
+        return x
+
+    def _convolve(self, x: Tensor) -> Tensor:
+        ph, pw = self.space_padding
+        batch, channels, frames, height, width = x.shape
+        padded_bytes = batch * channels * frames * (height + 2 * ph) * (width + 2 * pw) * x.element_size()
+        kh, sh = self.kernel_size[1], self.stride[1]
+        rows_out = (height + 2 * ph - kh) // sh + 1
+        pieces = min(rows_out, math.ceil(padded_bytes / self.max_input_bytes))
+        if pieces <= 1:
+            return F.conv3d(x, self.weight, self.bias, self.stride, (0, ph, pw))
+
+        out = None
+        for first, last in _even_ranges(rows_out, pieces):
+            # input rows [top, bottom) in unpadded coordinates, may reach into the zero padding
+            top = first * sh - ph
+            bottom = (last - 1) * sh + kh - ph
+            piece = x[:, :, :, max(top, 0) : min(bottom, height)]
+            piece = F.pad(piece, (pw, pw, max(-top, 0), max(bottom - height, 0)))
+            rows = F.conv3d(piece, self.weight, self.bias, self.stride)  # (B, C_out, T_out, last - first, W_out)
+            if out is None:
+                out = rows.new_empty(*rows.shape[:3], rows_out, rows.size(4))
+            out[:, :, :, first:last] = rows
+        return out
+
+
+def _even_ranges(total: int, pieces: int) -> list[tuple[int, int]]:
+    """Split range(total) into `pieces` contiguous [first, last) ranges of near-equal size."""
+    bounds = [total * i // pieces for i in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm applied to each frame of a (B, C, T, H, W) video on its own.
+
+    Statistics and the affine transform are computed in float32 and the result
+    cast back to the input dtype (what the official bf16 runs do under autocast).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, frames, height, width = x.shape
+        frame_bytes = batch * channels * height * width * 4
+        frames_per_chunk = max(1, NORM_CHUNK_BYTES // frame_bytes)
+        weight, bias = self.weight.float(), self.bias.float()
+
+        out = torch.empty_like(x)
+        for t0 in range(0, frames, frames_per_chunk):
+            chunk = x[:, :, t0 : t0 + frames_per_chunk]
+            n = chunk.size(2)
+            flat = chunk.transpose(1, 2).flatten(0, 1).float()  # (B·n, C, H, W)
+            normed = F.group_norm(flat, self.num_groups, weight, bias, self.eps)
+            out[:, :, t0 : t0 + n] = normed.unflatten(0, (batch, n)).transpose(1, 2)
+        return out

@@ -1,0 +1,197 @@
+"""The SeedVR2 causal video VAE (official `VideoAutoencoderKLWrapper`, `ema_vae.pth`).
+
+Encode: video (B, 3, T, H, W) in [-1, 1], T = 4k + 1 -> posterior mean and
+log-variance (B, 16, k + 1, H/8, W/8). Decode: latent -> video. The first frame
+is always encoded alone into the first latent frame (causal in time).
+
+Long clips are processed in temporal chunks (`temporal_chunk` frames each after
+the first 1 + `temporal_chunk`), with every causal conv carrying the frames it
+still needs to the next chunk, so the result equals a single pass over the clip.
+Posterior sampling and latent scaling belong to the pipeline, not to this module.
+"""
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from seedvr.models.causal_conv import GIB, CausalConv3d, TemporalCache
+from seedvr.models.vae_blocks import Decoder3D, Encoder3D
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+_SUPPORTED = {
+    "act_fn": ("silu", "swish"),
+    "down_block_types": ("DownEncoderBlock3D",),
+    "up_block_types": ("UpDecoderBlock3D",),
+    # The mode only says how 4-D (2-D conv) weights would be inflated; "pad"
+    # (the official setting) refuses them, and so do we: checkpoints hold 5-D weights.
+    "inflation_mode": ("pad",),
+}
+
+
+class VideoAutoencoder(nn.Module):
+    """Causal 3-D VAE. Takes the official constructor keyword arguments."""
+
+    def __init__(
+        self,
+        *,
+        act_fn: str = "silu",
+        block_out_channels: list[int] = (128, 256, 512, 512),
+        down_block_types: list[str] = ("DownEncoderBlock3D",) * 4,
+        up_block_types: list[str] = ("UpDecoderBlock3D",) * 4,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        latent_channels: int = 16,
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        slicing_sample_min_size: int = 4,
+        temporal_scale_num: int = 2,
+        inflation_mode: str = "pad",
+        spatial_downsample_factor: int = 8,
+        temporal_downsample_factor: int = 4,
+        use_quant_conv: bool = False,
+        use_post_quant_conv: bool = False,
+        freeze_encoder: bool = False,  # training-only flag of the official wrapper; no effect here
+    ):
+        super().__init__()
+        num_blocks = len(block_out_channels)
+        _check_choice("act_fn", [act_fn])
+        _check_choice("down_block_types", down_block_types)
+        _check_choice("up_block_types", up_block_types)
+        _check_choice("inflation_mode", [inflation_mode])
+        if len(down_block_types) != num_blocks or len(up_block_types) != num_blocks:
+            raise ValueError(
+                f"need one down and one up block per entry of block_out_channels ({num_blocks}), "
+                f"got {len(down_block_types)} down and {len(up_block_types)} up"
+            )
+        if not 0 <= temporal_scale_num <= num_blocks - 1:
+            raise ValueError(f"temporal_scale_num must be in [0, {num_blocks - 1}], got {temporal_scale_num}")
+        if spatial_downsample_factor != 2 ** (num_blocks - 1):
+            raise ValueError(
+                f"spatial_downsample_factor {spatial_downsample_factor} != 2**(len(block_out_channels) - 1) "
+                f"= {2 ** (num_blocks - 1)}"
+            )
+        if temporal_downsample_factor != 2**temporal_scale_num:
+            raise ValueError(
+                f"temporal_downsample_factor {temporal_downsample_factor} != 2**temporal_scale_num "
+                f"= {2**temporal_scale_num}"
+            )
+        if any(c % norm_num_groups for c in block_out_channels):
+            raise ValueError(f"every block_out_channels {list(block_out_channels)} must divide by {norm_num_groups}")
+
+        self.latent_channels = latent_channels
+        self.spatial_downsample_factor = spatial_downsample_factor
+        self.temporal_downsample_factor = temporal_downsample_factor
+        # Frames per temporal chunk when encoding (latent frames per chunk when
+        # decoding: this / temporal_downsample_factor). None: one pass over the
+        # whole clip, fastest but its activation memory grows with the clip.
+        self.temporal_chunk: int | None = slicing_sample_min_size
+
+        blocks = dict(
+            block_out_channels=list(block_out_channels),
+            layers_per_block=layers_per_block,
+            groups=norm_num_groups,
+            temporal_scale_num=temporal_scale_num,
+        )
+        self.encoder = Encoder3D(in_channels, 2 * latent_channels, **blocks)
+        self.decoder = Decoder3D(latent_channels, out_channels, **blocks)
+        self.quant_conv = CausalConv3d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = CausalConv3d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+
+    @property
+    def conv_max_bytes(self) -> int:
+        """Largest padded conv input processed in one piece; larger ones are split along H (exact)."""
+        return next(m.max_input_bytes for m in self.modules() if isinstance(m, CausalConv3d))
+
+    @conv_max_bytes.setter
+    def conv_max_bytes(self, value: int) -> None:
+        if value <= 0:
+            raise ValueError(f"conv_max_bytes must be positive, got {value}")
+        for module in self.modules():
+            if isinstance(module, CausalConv3d):
+                module.max_input_bytes = value
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Video (B, C, T, H, W), T = 4k + 1 -> mean, logvar (B, 16, k + 1, H/8, W/8), logvar clamped."""
+        if x.ndim != 5:
+            raise ValueError(f"encode expects a (B, C, T, H, W) video, got shape {tuple(x.shape)}")
+        frames, height, width = x.shape[2:]
+        tdf, sdf = self.temporal_downsample_factor, self.spatial_downsample_factor
+        if frames % tdf != 1 % tdf:
+            raise ValueError(f"encode needs T = {tdf}k + 1 frames, got T = {frames}")
+        if height % sdf or width % sdf:
+            raise ValueError(f"encode needs H and W divisible by {sdf}, got {height}x{width}")
+
+        def encode_chunk(chunk: Tensor, cache: TemporalCache | None) -> Tensor:
+            h = self.encoder(chunk, cache)
+            return h if self.quant_conv is None else self.quant_conv(h, cache)
+
+        h = _run_chunked(encode_chunk, x.to(self.dtype), self._temporal_chunk())
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latent (B, 16, T', h, w) -> video (B, 3, 4(T' - 1) + 1, 8h, 8w)."""
+        if z.ndim != 5:
+            raise ValueError(f"decode expects a (B, C, T', h, w) latent, got shape {tuple(z.shape)}")
+
+        def decode_chunk(chunk: Tensor, cache: TemporalCache | None) -> Tensor:
+            if self.post_quant_conv is not None:
+                chunk = self.post_quant_conv(chunk, cache)
+            return self.decoder(chunk, cache)
+
+        chunk = self._temporal_chunk()
+        latent_chunk = None if chunk is None else chunk // self.temporal_downsample_factor
+        return _run_chunked(decode_chunk, z.to(self.dtype), latent_chunk)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _temporal_chunk(self) -> int | None:
+        chunk, tdf = self.temporal_chunk, self.temporal_downsample_factor
+        if chunk is not None and (chunk <= 0 or chunk % tdf):
+            raise ValueError(f"temporal_chunk must be a positive multiple of {tdf} or None, got {chunk}")
+        return chunk
+
+
+def _run_chunked(run, x: Tensor, chunk: int | None) -> Tensor:
+    """run(x) over time chunks [0, 1 + chunk), then `chunk` frames at a time, carrying causal state."""
+    frames = x.size(2)
+    if chunk is None or frames - 1 <= chunk:
+        return run(x, None)
+    lengths = [1 + chunk] + [min(chunk, frames - t) for t in range(1 + chunk, frames, chunk)]
+    cache = TemporalCache()
+    outputs = []
+    for piece in x.split(lengths, dim=2):
+        outputs.append(run(piece, cache))
+        cache.next_chunk()
+    return torch.cat(outputs, dim=2)
+
+
+def _check_choice(name: str, values) -> None:
+    for value in values:
+        if value not in _SUPPORTED[name]:
+            raise ValueError(f"unsupported {name} {value!r}; must be one of {list(_SUPPORTED[name])}")
+
+
+_LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def convert_legacy_vae_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename old diffusers mid-block attention keys (query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0).
+
+    Returns a new dict; keys already in the current naming pass through unchanged.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        match = _LEGACY_ATTENTION_KEY.match(key)
+        if match:
+            prefix, name, kind = match.groups()
+            key = f"{prefix}{_LEGACY_ATTENTION_NAMES[name]}.{kind}"
+        if key in converted:
+            raise ValueError(f"state dict holds {key!r} under both its legacy and its current name")
+        converted[key] = value
+    return converted
