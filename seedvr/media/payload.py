@@ -1,0 +1,196 @@
+"""Client payloads: base64 / data URI <-> bytes, and what kind of media the bytes are.
+
+The kind is decided from the bytes alone (libmagic, then the pure-Python `filetype`
+as a fallback, then an MPEG-TS sync-byte check that neither knows), never from a
+file name. Animated GIF, APNG and animated WebP are videos; their single-frame
+forms are images.
+"""
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+
+import filetype
+from PIL import Image
+
+from seedvr.errors import INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError, excerpt
+
+try:
+    import magic
+except ImportError:  # libmagic missing: `filetype` alone decides
+    magic = None
+
+SNIFF_BYTES = 1 << 20  # libmagic never needs more than the first MiB for these formats
+DATA_URI = re.compile(r"data:[^,]*?;base64,", re.IGNORECASE)
+URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+# MPEG-TS: 188-byte packets each starting with the sync byte 0x47; M2TS (Blu-ray)
+# prefixes every packet with a 4-byte timecode.
+TS_SYNC_BYTE = 0x47
+TS_LAYOUTS = ((188, 0), (192, 4))  # (packet size, offset of the sync byte)
+TS_PACKETS_TO_CHECK = 5
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    kind: str  # "video" | "image"
+    mime: str
+    extension: str  # without the dot; the suffix to give a temp file of these bytes
+
+
+# MIME types as libmagic or `filetype` name them -> file extension. GIF, PNG and WebP
+# are videos or images depending on their frame count, see `_animated_kind`.
+VIDEO_MIMES = {
+    "video/mp4": "mp4",
+    "video/x-m4v": "m4v",
+    "video/quicktime": "mov",
+    "video/x-matroska": "mkv",
+    "video/webm": "webm",
+    "video/x-msvideo": "avi",
+    "video/x-flv": "flv",
+    "video/mp2t": "ts",
+    "video/mpeg": "mpg",
+}
+IMAGE_MIMES = {
+    "image/png": "png",
+    "image/apng": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/bmp": "bmp",
+    "image/x-ms-bmp": "bmp",
+    "image/tiff": "tiff",
+    "image/gif": "gif",
+}
+ANIMATABLE_MIMES = {"image/gif", "image/apng", "image/png", "image/webp"}
+ACCEPTED = (
+    "videos: mp4, mov, mkv, webm, avi, flv, mpeg-ts, mpeg, animated gif/png/webp; "
+    "images: png, jpeg, webp, bmp, tiff, gif"
+)
+
+
+def decode_base64(value, field: str, *, max_bytes: int | None = None) -> bytes:
+    """Bytes of a base64 string: standard or URL-safe alphabet, padded or not,
+    whitespace anywhere, optionally wrapped in a `data:<mime>;base64,` URI.
+
+    `max_bytes` is checked on the encoded length, before anything is decoded.
+    """
+    if not isinstance(value, str):
+        raise RestoreError(
+            INVALID_INPUT, f"{field} must be a base64 string, got {type(value).__name__}"
+        )
+    text = value.strip()
+    if text[:5].lower() == "data:":
+        header = DATA_URI.match(text)
+        if header is None:
+            raise RestoreError(
+                INVALID_INPUT,
+                f"{field} is a data URI without ';base64,' (got {excerpt(text)}); "
+                "send 'data:<mime>;base64,<data>' or plain base64",
+            )
+        text = text[header.end():]
+    # Every 4 characters hold 3 bytes; whitespace makes this an overestimate by ~1%.
+    decoded_size = len(text.rstrip().rstrip("=")) * 3 // 4
+    if max_bytes is not None and decoded_size > max_bytes:
+        raise RestoreError(
+            INVALID_INPUT,
+            f"{field} is about {decoded_size / 2**20:.1f} MiB once decoded, over the "
+            f"limit of {max_bytes / 2**20:.1f} MiB; send a smaller file",
+        )
+    text = "".join(text.split()).translate(URL_SAFE_TO_STANDARD).rstrip("=")
+    if not text:
+        raise RestoreError(INVALID_INPUT, f"{field} is empty; send the file as base64")
+    if len(text) % 4 == 1:  # no base64 string has this length, whatever its padding
+        raise RestoreError(
+            INVALID_INPUT, f"{field} is not valid base64 (truncated?): {excerpt(value)}"
+        )
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error as err:
+        raise RestoreError(
+            INVALID_INPUT,
+            f"{field} is not valid base64 ({err}); got {excerpt(value)}",
+        ) from err
+
+
+def encode_base64(data: bytes, mime: str | None = None) -> str:
+    """Standard padded base64, as a data URI when `mime` is given."""
+    text = base64.b64encode(data).decode("ascii")
+    return f"data:{mime};base64,{text}" if mime else text
+
+
+def sniff_media(data: bytes) -> MediaKind:
+    """What the bytes are, from their content; UNSUPPORTED_MEDIA for anything else."""
+    head = bytes(data[:SNIFF_BYTES])
+    for mime in _candidate_mimes(head):
+        if mime in ANIMATABLE_MIMES:
+            return _animated_kind(data, mime)
+        if mime in VIDEO_MIMES:
+            return MediaKind("video", mime, VIDEO_MIMES[mime])
+        if mime in IMAGE_MIMES:
+            return MediaKind("image", mime, IMAGE_MIMES[mime])
+    if _is_mpeg_ts(head):
+        return MediaKind("video", "video/mp2t", "ts")
+    found = next(iter(_candidate_mimes(head)), "unknown")
+    raise RestoreError(
+        UNSUPPORTED_MEDIA, f"the media is {found}, which is not supported; send one of {ACCEPTED}"
+    )
+
+
+def check_forced_type(kind: MediaKind, media_type: str | None) -> None:
+    """A client-forced `media_type` must agree with the bytes.
+
+    None and "auto" force nothing. A contradiction is INVALID_INPUT (the request is
+    inconsistent; the media itself is fine), naming `media_type`.
+    """
+    if media_type in (None, "auto"):
+        return
+    if media_type not in ("video", "image"):
+        raise RestoreError(
+            INVALID_INPUT,
+            f"media_type must be 'video', 'image' or 'auto', got {excerpt(media_type)}",
+        )
+    if media_type != kind.kind:
+        raise RestoreError(
+            INVALID_INPUT,
+            f"media_type is {media_type!r} but the data is {kind.kind} ({kind.mime}); "
+            f"send media_type 'auto' or {kind.kind!r}, or send {media_type} data",
+        )
+
+
+def _candidate_mimes(head: bytes) -> list[str]:
+    """libmagic's answer, then `filetype`'s, lower-cased, without duplicates."""
+    mimes = []
+    if magic is not None:
+        try:
+            mimes.append(magic.from_buffer(head, mime=True).lower())
+        except magic.MagicException:  # libmagic failed on these bytes: `filetype` decides
+            pass
+    guess = filetype.guess(head)
+    if guess is not None:
+        mimes.append(guess.mime.lower())
+    return list(dict.fromkeys(mimes))
+
+
+def _animated_kind(data: bytes, mime: str) -> MediaKind:
+    """GIF, PNG and WebP are videos when they hold more than one frame."""
+    extension = IMAGE_MIMES[mime]
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            animated = bool(getattr(image, "is_animated", False))
+    except Exception as err:  # Pillow raises many types for damaged headers
+        raise RestoreError(
+            INVALID_INPUT, f"the {extension} data is damaged and cannot be read ({err})"
+        ) from err
+    if not animated:
+        return MediaKind("image", "image/png" if mime == "image/apng" else mime, extension)
+    return MediaKind("video", "image/apng" if extension == "png" else mime, extension)
+
+
+def _is_mpeg_ts(head: bytes) -> bool:
+    for packet_size, offset in TS_LAYOUTS:
+        positions = range(offset, offset + packet_size * TS_PACKETS_TO_CHECK, packet_size)
+        if len(head) > positions[-1] and all(head[p] == TS_SYNC_BYTE for p in positions):
+            return True
+    return False
