@@ -1,0 +1,99 @@
+"""Varlen attention: non-causal softmax attention inside each packed sequence (block-diagonal).
+
+q, k, v are `[N_total, H, d]`, sequences laid end to end and delimited by `cu_seqlens` (int32 prefix
+sums, `[n_seq + 1]`). The scale is 1/sqrt(d), as the official calls never pass one (SEEDVR2_SPEC 2.8.3).
+
+Backends:
+- "flash": flash-attn's `flash_attn_varlen_func`; needs the package and CUDA tensors. float32 inputs are
+  cast to bf16 and back, as the official code does.
+- "sdpa": exact pure PyTorch. Sequences of equal length are stacked and sent through one
+  `scaled_dot_product_attention` call per distinct length (windows mostly share a few sizes).
+- "auto": flash for bf16/fp16 CUDA tensors when flash-attn is installed, else sdpa (so a float32 model
+  keeps float32 attention).
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash", "sdpa")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+SDPA_MAX_SCORES = 1 << 28  # attention-matrix elements per SDPA call; bounds the math kernel's memory
+
+
+@functools.cache
+def _flash_varlen_func():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash_usable() -> bool:
+    return _flash_varlen_func() is not None and torch.cuda.is_available()
+
+
+def available_backends() -> list[str]:
+    """The concrete backends this process can run ("sdpa" always; "flash" with flash-attn and CUDA)."""
+    return (["flash"] if _flash_usable() else []) + ["sdpa"]
+
+
+def resolve_backend(name: str | None) -> str:
+    """"auto"/None -> the best available backend; "flash"/"sdpa" -> itself if available, else ValueError."""
+    name = "auto" if name is None else name
+    if name == "auto":
+        return available_backends()[0]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid choices: {', '.join(BACKENDS)}")
+    if name not in available_backends():
+        raise ValueError(f"attention backend {name!r} is not available here (needs flash-attn and CUDA); "
+                         f"available: {', '.join(['auto', *available_backends()])}")
+    return name
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, backend: str | None = None) -> torch.Tensor:
+    """Attention of every packed sequence with itself; returns `[N_total, H, d]` in q's dtype."""
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one shape [N, H, d]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    name = resolve_backend(backend)
+    if name == "flash" and backend != "flash" and (not q.is_cuda or q.dtype not in HALF_DTYPES):
+        name = "sdpa"
+    if name == "flash":
+        if not q.is_cuda:
+            raise ValueError("attention backend 'flash' needs CUDA tensors; use 'sdpa' on this device")
+        return _flash_attention(q, k, v, cu_seqlens, max_seqlen)
+    return _sdpa_attention(q, k, v, cu_seqlens)
+
+
+def _flash_attention(q, k, v, cu_seqlens, max_seqlen):
+    dtype = q.dtype if q.dtype in HALF_DTYPES else torch.bfloat16
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out = _flash_varlen_func()(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens_q=cu_seqlens,
+                               cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    return out.to(q.dtype)
+
+
+def _sdpa_attention(q, k, v, cu_seqlens):
+    bounds = cu_seqlens.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        starts_by_length.setdefault(stop - start, []).append(start)
+
+    out = torch.empty_like(q)
+    heads = q.shape[1]
+    for length, starts in starts_by_length.items():
+        if length == 0:
+            continue
+        per_call = max(1, SDPA_MAX_SCORES // (heads * length * length))
+        for first in range(0, len(starts), per_call):
+            group = torch.tensor(starts[first:first + per_call], device=q.device)
+            rows = (group[:, None] + torch.arange(length, device=q.device)).flatten()  # [n_seq * length]
+            # [n_seq * length, H, d] -> (n_seq, H, length, d)
+            qs, ks, vs = (x.index_select(0, rows).unflatten(0, (-1, length)).transpose(1, 2) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs)  # (n_seq, H, length, d)
+            out.index_copy_(0, rows, o.transpose(1, 2).flatten(0, 1))
+    return out

@@ -1,0 +1,139 @@
+"""What NaDiT3B and NaDiT7B share: checks of the official constructor kwargs, the forward skeleton and
+the switch to a lower compute precision."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from seedvr.models.attention import resolve_backend
+from seedvr.models.dit_block import BlockContext
+from seedvr.models.rope import RopePositions
+from seedvr.models.window import WindowPacking, check_window_method, pack_windows
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(allowed)}")
+
+
+def _is_triple(value) -> bool:
+    return isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, int) for v in value)
+
+
+def per_layer_windows(window, num_layers: int) -> list[tuple[int, int, int]]:
+    """`window`: one (nt, nh, nw) for every layer, or a list of num_layers of them."""
+    if _is_triple(window):
+        return [tuple(window)] * num_layers
+    if isinstance(window, Sequence) and len(window) == num_layers and all(_is_triple(w) for w in window):
+        return [tuple(w) for w in window]
+    raise ValueError(f"window must be [nt, nh, nw] or a list of {num_layers} of them; got {window!r}")
+
+
+def per_layer_methods(window_method, num_layers: int) -> list[str]:
+    """`window_method`: a string, a per-layer list, or a shorter list repeated cyclically over the layers."""
+    methods = [window_method] if isinstance(window_method, str) else list(window_method)
+    if not methods:
+        raise ValueError("window_method must name at least one method")
+    return [check_window_method(methods[i % len(methods)]) for i in range(num_layers)]
+
+
+def check_block_types(block_type, num_layers: int) -> None:
+    types = [block_type] * num_layers if isinstance(block_type, str) else list(block_type)
+    if len(types) != num_layers:
+        raise ValueError(f"block_type lists {len(types)} layers, num_layers is {num_layers}")
+    for value in types:
+        check_choice("block_type", value, ["mmdit_sr"])
+
+
+def check_patch_size(patch_size) -> tuple[int, int, int]:
+    if not _is_triple(patch_size) or patch_size[0] != 1 or min(patch_size) < 1:
+        raise ValueError(f"patch_size must be [1, ph, pw] (no temporal patching); got {patch_size!r}")
+    return tuple(patch_size)
+
+
+class NaDiTBase(nn.Module):
+    """Forward skeleton of the "native resolution" DiTs over packed variable-size samples.
+
+    Subclasses build `vid_in`, `txt_in`, `emb_in`, `blocks`, `vid_out`, set `patch_size`, and define how
+    rope positions come from a window packing and what runs between the last block and `vid_out`.
+    """
+
+    patch_size: tuple[int, int, int]
+
+    def __init__(self):
+        super().__init__()
+        self.attention_backend = "auto"  # "auto" | "sdpa" | "flash"
+
+    def rope_positions(self, packing: WindowPacking, vid_lengths: list[int]) -> RopePositions:
+        raise NotImplementedError
+
+    def output_head(self, vid: torch.Tensor, emb: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.vid_in.proj.weight.dtype
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> "NaDiTBase":
+        """Cast Linear weights and biases to `dtype`; rope freqs, modulation and norm weights stay float32.
+
+        Equivalent to the official fp32 model under bf16 autocast. Call it after loading weights.
+        """
+        if not dtype.is_floating_point:
+            raise ValueError(f"compute dtype must be a floating dtype, got {dtype}")
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.to(dtype)
+        return self
+
+    def forward(self, vid: torch.Tensor, txt: torch.Tensor, vid_shape: torch.Tensor, txt_shape: torch.Tensor,
+                timestep: torch.Tensor) -> torch.Tensor:
+        """vid [sum T*H*W, C_in] packed latents, txt [sum l, txt_in_dim], vid_shape [B, 3] (T, H, W),
+        txt_shape [B, 1], timestep [B] -> vid_sample [sum T*H*W, C_out] in the compute dtype."""
+        shapes, txt_lengths = self._check_inputs(vid, txt, vid_shape, txt_shape, timestep)
+        pt, ph, pw = self.patch_size
+        grids = [(t // pt, h // ph, w // pw) for t, h, w in shapes]
+        dtype = self.compute_dtype
+        resolve_backend(self.attention_backend)  # fail early on an unknown/unavailable backend
+
+        # 1. Embed video patches, text and timestep
+        vid = self.vid_in(vid.to(dtype), shapes)
+        txt = self.txt_in(txt.to(dtype))
+        emb = self.emb_in(timestep.reshape(-1).expand(len(shapes)), dtype).unflatten(-1, (-1, 2, 3))  # [B, D, 2, 3]
+
+        # 2. Windows and rope positions, once per window kind
+        vid_lengths = [math.prod(grid) for grid in grids]
+        windows = {}
+        for kind in dict.fromkeys(block.window_kind for block in self.blocks):
+            packing = pack_windows(*kind, grids, txt_lengths, device=vid.device)
+            windows[kind] = (packing, self.rope_positions(packing, vid_lengths))
+        ctx = BlockContext(vid_lengths, txt_lengths, windows, self.attention_backend)
+
+        # 3. Blocks
+        for block in self.blocks:
+            vid, txt = block(vid, txt, emb, ctx)
+
+        # 4. Output projection and un-patching
+        return self.vid_out(self.output_head(vid, emb, ctx), shapes)
+
+    def _check_inputs(self, vid, txt, vid_shape, txt_shape, timestep):
+        if vid_shape.dim() != 2 or vid_shape.shape[1] != 3 or vid_shape.shape[0] < 1:
+            raise ValueError(f"vid_shape must be [B, 3] (T, H, W per sample); got {tuple(vid_shape.shape)}")
+        if txt_shape.shape != (vid_shape.shape[0], 1):
+            raise ValueError(f"txt_shape must be [B, 1] with B = {vid_shape.shape[0]}; got {tuple(txt_shape.shape)}")
+        shapes = [tuple(s) for s in vid_shape.tolist()]
+        txt_lengths = txt_shape[:, 0].tolist()
+        pt, ph, pw = self.patch_size
+        if any(min(s) < 1 for s in shapes) or any(t % pt or h % ph or w % pw for t, h, w in shapes):
+            raise ValueError(f"latent sizes {shapes} are not positive multiples of the patch size {self.patch_size}")
+        expected = (sum(math.prod(s) for s in shapes), self.vid_in.proj.in_features // math.prod(self.patch_size))
+        if vid.shape != expected:
+            raise ValueError(f"vid has shape {tuple(vid.shape)}; vid_shape {shapes} needs {list(expected)}")
+        if txt.shape != (sum(txt_lengths), self.txt_in.in_features):
+            raise ValueError(f"txt has shape {tuple(txt.shape)}; txt_shape needs "
+                             f"[{sum(txt_lengths)}, {self.txt_in.in_features}]")
+        if timestep.numel() not in (1, len(shapes)) or timestep.dim() > 1:
+            raise ValueError(f"timestep must be a scalar or [B={len(shapes)}]; got {tuple(timestep.shape)}")
+        return shapes, txt_lengths
