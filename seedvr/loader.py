@@ -1,0 +1,157 @@
+"""Build a ready-to-run SeedVR2 pipeline from a config folder and weight files.
+
+The models are built on the meta device (no memory, no random init) and take
+the checkpoint's tensors with a strict, assigning load, as the official runner
+does. Missing files are reported all at once, with the command that fetches
+them.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from seedvr import paths
+from seedvr.checkpoint import load_strict, read_state_dict
+from seedvr.errors import CheckpointError
+from seedvr.models.dit3b import NaDiT3B
+from seedvr.models.dit7b import NaDiT7B
+from seedvr.models.vae import VideoAutoencoder, convert_legacy_vae_keys
+from seedvr.pipeline import SeedVR2
+from seedvr.schema import DEFAULT_MODEL_TYPE, MODEL_TYPES
+
+DIT_CLASSES = {"dit3b": NaDiT3B, "dit7b": NaDiT7B}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The weight files one model needs, resolved to absolute paths."""
+
+    dit: Path
+    vae: Path
+    positive_embedding: Path
+    negative_embedding: Path
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.dit, self.vae, self.positive_embedding, self.negative_embedding)
+
+    def missing(self) -> list[Path]:
+        return [path for path in self.all() if not path.is_file()]
+
+
+def config_path(model_type: str) -> Path:
+    return paths.config_dir() / f"configs_{model_type.removeprefix('seedvr2_')}" / "main.yaml"
+
+
+def load_config(model_type: str):
+    path = config_path(model_type)
+    if not path.is_file():
+        raise CheckpointError(f"config {path} not found; set SEEDVR_CONFIG_DIR to the folder holding configs_3b/ and configs_7b/")
+    return OmegaConf.load(path)
+
+
+def model_files(config, variant: str) -> ModelFiles:
+    checkpoints = config.dit.checkpoints
+    if variant not in checkpoints:
+        raise CheckpointError(f"variant {variant!r} has no checkpoint in this config (available: {', '.join(checkpoints)})")
+    ckpt, emb = paths.ckpt_dir(), paths.embeddings_dir()
+    return ModelFiles(
+        dit=ckpt / checkpoints[variant],
+        vae=ckpt / config.vae.checkpoint,
+        positive_embedding=emb / config.text_embeddings.positive,
+        negative_embedding=emb / config.text_embeddings.negative,
+    )
+
+
+def download_command(model_type: str, variant: str) -> str:
+    name = model_type + ("_sharp" if variant == "sharp" else "")
+    return f"python -m seedvr.weights download --model {name}"
+
+
+def check_files(model_type: str, variant: str) -> ModelFiles:
+    """Raise MODEL_NOT_AVAILABLE naming every missing file and how to get them."""
+    files = model_files(load_config(model_type), variant)
+    missing = files.missing()
+    if missing:
+        raise CheckpointError(
+            f"{model_type} ({variant}) weights missing: {', '.join(str(p) for p in missing)}. "
+            f"Download them with `{download_command(model_type, variant)}`, or point SEEDVR_CKPT_DIR / "
+            f"SEEDVR_EMBEDDINGS_DIR at the folders holding them (`python -m seedvr.tiny DIR` makes a random-weight "
+            f"set for plumbing checks)"
+        )
+    return files
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU as the official runs; float32 on CPU (the goldens' precision)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _load_embedding(path: Path) -> torch.Tensor:
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read text embedding {path}: {type(error).__name__}") from error
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+        raise CheckpointError(f"text embedding {path} must hold one 2-D tensor [tokens, channels]")
+    return tensor
+
+
+def _check_materialised(module: torch.nn.Module, source: Path) -> None:
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if tensor.is_meta:
+            raise CheckpointError(f"{source}: {name} was not filled by the checkpoint")
+
+
+@dataclass
+class LoadedModel:
+    """One warm model: what it is and the pipeline that runs it."""
+
+    model_type: str
+    variant: str
+    device: torch.device
+    dtype: torch.dtype
+    random_weights: bool
+    pipeline: SeedVR2
+
+
+def load_model(model_type: str, variant: str = "normal", *, device: torch.device | None = None,
+               attention_backend: str = "auto") -> LoadedModel:
+    config = load_config(model_type)
+    files = check_files(model_type, variant)
+    device = device or default_device()
+    dtype = compute_dtype(device)
+
+    dit_class = DIT_CLASSES[config.dit.architecture]
+    with torch.device("meta"):
+        dit = dit_class(**OmegaConf.to_container(config.dit.kwargs))
+        vae = VideoAutoencoder(**OmegaConf.to_container(config.vae.kwargs))
+
+    load_strict(dit, read_state_dict(files.dit), files.dit)
+    load_strict(vae, convert_legacy_vae_keys(read_state_dict(files.vae)), files.vae)
+    _check_materialised(dit, files.dit)
+    _check_materialised(vae, files.vae)
+    dit.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+
+    dit.to(device=device, dtype=torch.float32)
+    if dtype != torch.float32:
+        dit.to_compute_dtype(dtype)
+    dit.attention_backend = attention_backend
+    vae.to(device=device, dtype=dtype)
+
+    positive = _load_embedding(files.positive_embedding)
+    negative = _load_embedding(files.negative_embedding)
+    txt_in_dim = config.dit.kwargs.txt_in_dim
+    for path, tensor in ((files.positive_embedding, positive), (files.negative_embedding, negative)):
+        if tensor.shape[1] != txt_in_dim:
+            raise CheckpointError(f"text embedding {path} has {tensor.shape[1]} channels, the DiT expects {txt_in_dim}")
+
+    pipeline = SeedVR2(dit, vae, positive, negative, device=device, dtype=dtype,
+                       scaling_factor=config.vae.scaling_factor, shifting_factor=config.vae.shifting_factor)
+    return LoadedModel(model_type, variant, device, dtype, bool(config.get("random_weights", False)), pipeline)

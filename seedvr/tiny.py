@@ -1,0 +1,98 @@
+"""Write a tiny SeedVR2 installation with random weights, for plumbing checks.
+
+    python -m seedvr.tiny DIR
+
+DIR receives configs_3b/, configs_7b/, ckpts/ and embeddings/ in exactly the
+layout and file formats of the real installation (.pth checkpoints with the
+official key names, bf16 text embeddings), but with the model classes built at
+tiny widths. Point the worker at it with
+
+    SEEDVR_CONFIG_DIR=DIR SEEDVR_CKPT_DIR=DIR/ckpts SEEDVR_EMBEDDINGS_DIR=DIR/embeddings
+
+and every action runs on a CPU in seconds. The configs carry
+`random_weights: true`, and the worker marks its answers accordingly: the
+restored media are noise, only the plumbing is real.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from seedvr import paths
+from seedvr.models.dit3b import NaDiT3B
+from seedvr.models.dit7b import NaDiT7B
+from seedvr.models.vae import VideoAutoencoder
+
+# The same overrides as the official tiny goldens (../shared/reference/README.md), except that both DiTs
+# take 48-channel text so that one embeddings folder serves both, as the real 5120-channel files do.
+TEXT_CHANNELS = 48
+DIT_OVERRIDES = {
+    "3b": {"vid_dim": 64, "txt_dim": 64, "emb_dim": 384, "heads": 2, "head_dim": 32, "rope_dim": 32,
+           "num_layers": 4, "mm_layers": 2, "txt_in_dim": TEXT_CHANNELS},
+    "7b": {"vid_dim": 64, "txt_dim": 64, "emb_dim": 384, "heads": 2, "head_dim": 32,
+           "num_layers": 4, "txt_in_dim": TEXT_CHANNELS},
+}
+VAE_OVERRIDES = {"block_out_channels": [8, 16, 24, 24], "norm_num_groups": 4}
+DIT_CLASSES = {"3b": NaDiT3B, "7b": NaDiT7B}
+POSITIVE_TOKENS, NEGATIVE_TOKENS = 58, 64  # the lengths of the official pos_emb.pt / neg_emb.pt
+
+
+def tiny_config(size: str):
+    config = OmegaConf.load(paths.REPO_ROOT / f"configs_{size}" / "main.yaml")
+    config.dit.kwargs = OmegaConf.merge(config.dit.kwargs, DIT_OVERRIDES[size])
+    config.vae.kwargs = OmegaConf.merge(config.vae.kwargs, VAE_OVERRIDES)
+    config.random_weights = True
+    return config
+
+
+def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every parameter a random value of a sensible scale (nothing zero, one or identity)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() >= 2:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
+            elif name.endswith("scale") or "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def write(root: Path, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    ckpts, embeddings = root / "ckpts", root / "embeddings"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    embeddings.mkdir(parents=True, exist_ok=True)
+
+    for size in ("3b", "7b"):
+        config = tiny_config(size)
+        (root / f"configs_{size}").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, root / f"configs_{size}" / "main.yaml")
+        for checkpoint in config.dit.checkpoints.values():
+            dit = DIT_CLASSES[size](**OmegaConf.to_container(config.dit.kwargs))
+            randomise(dit, generator)
+            torch.save(dit.state_dict(), ckpts / checkpoint)
+
+    vae = VideoAutoencoder(**OmegaConf.to_container(tiny_config("3b").vae.kwargs))
+    randomise(vae, generator)
+    torch.save(vae.state_dict(), ckpts / "ema_vae.pth")
+    for name, tokens in (("pos_emb.pt", POSITIVE_TOKENS), ("neg_emb.pt", NEGATIVE_TOKENS)):
+        embedding = torch.randn(tokens, TEXT_CHANNELS, generator=generator).to(torch.bfloat16)
+        torch.save(embedding, embeddings / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m seedvr.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="folder to write configs_3b/, configs_7b/, ckpts/, embeddings/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    write(args.dir, args.seed)
+    root = args.dir.resolve()
+    print(f"tiny random-weight SeedVR2 written to {root}\n"
+          f"export SEEDVR_CONFIG_DIR={root} SEEDVR_CKPT_DIR={root}/ckpts SEEDVR_EMBEDDINGS_DIR={root}/embeddings")
+
+
+if __name__ == "__main__":
+    main()
