@@ -10,6 +10,7 @@ here independently of the code under test.
     path, rgb, alpha = make_image(tmp_path, "rgba_png")
 """
 
+import os
 import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
@@ -143,6 +144,28 @@ def make_audio_only(directory: Path) -> Path:
     path = Path(directory) / "audio.m4a"
     _ffmpeg("-f", "lavfi", "-i", "sine=duration=0.3", "-c:a", "aac", str(path))
     return path
+
+
+def ffmpeg_children() -> list[int]:
+    """ffmpeg processes (zombies included) whose parent is this test process."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[1]) == os.getpid() and "ffmpeg" in name:
+            children.append(int(entry.name))
+    return children
+
+
+def stream_line(path: Path, kind: str) -> str:
+    """The line `ffmpeg -i` prints for the first stream of `kind` ("Video", "Audio")."""
+    listing = subprocess.run([FFMPEG, "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    return next(line for line in listing.splitlines() if f": {kind}: " in line)
 
 
 # ----------------------------------------------------------------------------- images

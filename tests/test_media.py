@@ -5,7 +5,6 @@ All media are made on the spot by tests/media_factory.py (64x48, 5-10 frames).
 
 import base64
 import logging
-import os
 import struct
 import subprocess
 import zlib
@@ -25,10 +24,12 @@ from media_factory import (
     base_alpha,
     base_rgb,
     closest_pattern_frame,
+    ffmpeg_children,
     make_audio_only,
     make_image,
     make_video,
     pattern_frames,
+    stream_line,
     write_video,
 )
 from seedvr.errors import INTERNAL, INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError
@@ -62,33 +63,12 @@ def video(media_dir):
     return get
 
 
-def ffmpeg_children() -> list[int]:
-    """ffmpeg processes (zombies included) whose parent is this test process."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        if int(rest[1]) == os.getpid() and "ffmpeg" in name:
-            children.append(int(entry.name))
-    return children
-
-
 def assert_frames_follow_pattern(frames: list[np.ndarray], count: int) -> None:
     assert len(frames) == count
     for index, frame in enumerate(frames):
         closest, distance = closest_pattern_frame(frame, count)
         assert (closest, index) == (index, index), f"frame {index} looks like pattern frame {closest}"
         assert distance <= PATTERN_TOLERANCE, f"frame {index}: mean colour off by {distance:.1f}"
-
-
-def stream_line(path: Path, kind: str) -> str:
-    listing = subprocess.run([FFMPEG, "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
-    return next(line for line in listing.splitlines() if f": {kind}: " in line)
 
 
 # ----------------------------------------------------------------------------- base64

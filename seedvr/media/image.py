@@ -23,8 +23,24 @@ from seedvr.errors import INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError
 MAX_IMAGE_PIXELS = 8192 * 8192  # also below Pillow's own bomb threshold (89.5 MP), which then never fires
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grey ("I": how older files open)
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 KEEPS_ALPHA = {"PNG", "WEBP"}
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    pillow: str  # Pillow's format name
+    mime: str
+    extension: str  # without the dot
+
+
+OUTPUT_FORMATS = {
+    "png": ImageFormat("PNG", "image/png", "png"),
+    "jpeg": ImageFormat("JPEG", "image/jpeg", "jpg"),
+    "jpg": ImageFormat("JPEG", "image/jpeg", "jpg"),
+    "webp": ImageFormat("WEBP", "image/webp", "webp"),
+}
+QUALITY_RANGE = (1, 100)
+LOSSLESS_WEBP_QUALITY = 100  # webp at this quality is written lossless
 
 
 @dataclass(frozen=True)
@@ -74,26 +90,45 @@ def read_image(path_or_bytes, field: str = "image", max_pixels: int = MAX_IMAGE_
 def write_image(rgb: np.ndarray, alpha: np.ndarray | None, path, format: str = "png", quality: int = 95) -> None:
     """Write RGB (h, w, 3) uint8 and, for png/webp, the alpha plane resized to (h, w).
 
-    jpeg drops alpha. `quality` applies to jpeg (chroma kept at full resolution)
-    and lossy webp; png is lossless.
+    jpeg drops alpha. `quality` (1-100) applies to jpeg (chroma kept at full
+    resolution) and webp: webp is lossy below 100 and lossless at 100, where a
+    lossy WebP would still lose detail. png is always lossless.
     """
-    if format.lower() not in OUTPUT_FORMATS:
-        raise ValueError(f"format must be one of {sorted(OUTPUT_FORMATS)}, got {format!r}")
+    spec = _output_format(format)
+    low, high = QUALITY_RANGE
+    if isinstance(quality, bool) or not isinstance(quality, int) or not low <= quality <= high:
+        raise ValueError(f"quality must be an integer between {low} and {high}, got {quality!r}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb must be uint8 (h, w, 3), got {rgb.dtype} {rgb.shape}")
-    pillow_format = OUTPUT_FORMATS[format.lower()]
     image = Image.fromarray(rgb, "RGB")
-    if alpha is not None and pillow_format in KEEPS_ALPHA:
+    if alpha is not None and spec.pillow in KEEPS_ALPHA:
         alpha_plane = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8), "L")
         if alpha_plane.size != image.size:
             alpha_plane = alpha_plane.resize(image.size, Image.Resampling.LANCZOS)
         image.putalpha(alpha_plane)
-    options = {
-        "PNG": {},
-        "JPEG": {"quality": quality, "subsampling": 0},
-        "WEBP": {"quality": quality},
-    }[pillow_format]
-    image.save(path, format=pillow_format, **options)
+    if spec.pillow == "JPEG":
+        options = {"quality": quality, "subsampling": 0}
+    elif spec.pillow == "WEBP" and quality == LOSSLESS_WEBP_QUALITY:
+        options = {"lossless": True, "exact": True}  # exact: keep the colour under transparent pixels
+    elif spec.pillow == "WEBP":
+        options = {"quality": quality}
+    else:
+        options = {}
+    image.save(path, format=spec.pillow, **options)
+
+
+def image_mime(format: str) -> str:
+    return _output_format(format).mime
+
+
+def image_extension(format: str) -> str:
+    return _output_format(format).extension
+
+
+def _output_format(format: str) -> ImageFormat:
+    if not isinstance(format, str) or format.lower() not in OUTPUT_FORMATS:
+        raise ValueError(f"format must be one of {sorted(OUTPUT_FORMATS)}, got {format!r}")
+    return OUTPUT_FORMATS[format.lower()]
 
 
 def _check_size(width: int, height: int, field: str, max_pixels: int) -> None:

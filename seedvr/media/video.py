@@ -12,6 +12,11 @@ container's "29.97" is what tells 30000/1001 apart from 8000/267. GIF, APNG and
 animated WebP store one delay per frame; their rate is the average over all
 frames (count / total delay), even when the delays vary; the frames are then
 written at that constant average rate.
+
+Output codecs, containers and quality settings are described in
+seedvr.media.encoders. A webm/mkv output keeps millisecond timestamps too: a rate
+that is not a common one (a GIF's 400/13) is written exactly in the track header,
+but reads back from a short clip as count / span rounded to the millisecond.
 """
 
 import itertools
@@ -26,6 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from seedvr.errors import INTERNAL, INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError
+from seedvr.media.encoders import (
+    CODECS,
+    CONTAINERS,
+    PIXEL_FORMATS,
+    container_for,
+    encoder_options,
+    encoder_pix_fmt,
+    resolve_crf,
+    video_encoder,
+)
 from seedvr.media.ffmpeg import (
     FfmpegError,
     ffmpeg_exe,
@@ -40,12 +55,7 @@ logger = logging.getLogger(__name__)
 FRAME_DELAY_CODECS = {"gif", "apng", "webp_anim"}  # one delay per frame, no container rate
 MAX_RATE_DENOMINATOR = 1001  # ffmpeg parses rates as num/den <= 1001000; keep them exact
 TIMESTAMP_SLACK_TICKS = 2  # a span measured from rounded timestamps is off by < 2 ticks
-# Audio codecs an mp4 can carry as they are; anything else (PCM, Vorbis, MP2...) becomes AAC.
-MP4_AUDIO_CODECS = {"aac", "mp3", "alac", "opus", "ac3", "eac3", "flac"}
-AAC_BITRATE = "192k"
-VIDEO_ENCODERS = {"h264": "libx264"}
-PIXEL_FORMATS = {"yuv420p", "yuv444p"}
-CHROMA_HALVED = {"yuv420p"}  # needs even width and height
+CHROMA_HALVED = {"yuv420p", "yuv420p10le"}  # need even width and height
 ENCODE_TIMEOUT_S = 600  # waiting for ffmpeg to finish after the last frame
 
 
@@ -150,17 +160,20 @@ def read_frames(path, info: VideoInfo, start: int = 0, count: int | None = None)
 
 
 class VideoWriter:
-    """Encode RGB frames to an mp4 (H.264, BT.709, constant frame rate `fps`).
+    """Encode RGB frames at the constant frame rate `fps`, tagged BT.709.
 
-    with VideoWriter(path, width, height, fps, audio_source=source) as writer:
+    with VideoWriter(path, width, height, fps, audio_source=source, codec="h265") as writer:
         for frame in frames:  # uint8 (height, width, 3)
             writer.write(frame)
 
-    The first audio stream of `audio_source`, cut to the video's duration, is muxed
-    in after the frames are encoded: copied when mp4 can carry its codec, else
-    re-encoded to AAC. Odd sizes are padded by repeating the last row/column when
-    the pixel format needs even ones. Leaving the block checks that the file holds
-    exactly the frames written; ffmpeg is killed on every path out.
+    `codec`, `crf` (None: the codec's default), `pix_fmt` and `container` (None:
+    mp4, webm for vp9) are described in seedvr.media.encoders; ValueError for a
+    value out of range or a container that cannot hold the codec. The first audio
+    stream of `audio_source`, cut to the video's duration, is muxed in after the
+    frames are encoded, copied or re-encoded as the container requires. Odd sizes
+    are padded by repeating the last row/column (4:2:0 needs even ones). Leaving
+    the block checks that the file holds exactly the frames written; ffmpeg is
+    killed and partial files are removed on every path out.
     """
 
     def __init__(
@@ -171,23 +184,29 @@ class VideoWriter:
         fps: Fraction,
         audio_source=None,
         codec: str = "h264",
-        crf: int = 18,
+        crf: int | None = None,
         pix_fmt: str = "yuv420p",
+        container: str | None = None,
     ):
-        if codec not in VIDEO_ENCODERS:
-            raise ValueError(f"codec must be one of {sorted(VIDEO_ENCODERS)}, got {codec!r}")
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
         if pix_fmt not in PIXEL_FORMATS:
             raise ValueError(f"pix_fmt must be one of {sorted(PIXEL_FORMATS)}, got {pix_fmt!r}")
         fps = Fraction(fps)
         if fps <= 0 or fps.denominator > MAX_RATE_DENOMINATOR:
             raise ValueError(f"fps must be positive with a denominator <= {MAX_RATE_DENOMINATOR}, got {fps}")
+        self.codec, self.crf, self.pix_fmt = codec, resolve_crf(codec, crf), pix_fmt
+        self.container = container_for(codec, container)
+        self.encoder = video_encoder(codec, pix_fmt, (width, height))
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
         self.audio_source = Path(audio_source) if audio_source is not None else None
         self.frames_written = 0
         halved = pix_fmt in CHROMA_HALVED
         self._pad = (height % 2 if halved else 0, width % 2 if halved else 0)
-        self._video_path = self.path.with_name(self.path.stem + ".video-only.mp4") if audio_source else self.path
+        spec = CONTAINERS[self.container]
+        intermediate = self.path.with_name(f"{self.path.stem}.video-only.{spec.extension}")
+        self._video_path = intermediate if audio_source else self.path
         self._stderr = tempfile.TemporaryFile()
         rate = f"{fps.numerator}/{fps.denominator}"
         command = [
@@ -195,15 +214,20 @@ class VideoWriter:
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width + self._pad[1]}x{height + self._pad[0]}",
             "-framerate", rate, "-i", "pipe:0",
             # sRGB shares BT.709's primaries; without setparams only the matrix gets tagged.
+            # The scale filter also does the 8-bit -> 10-bit conversion for yuv420p10le.
             "-vf", "setparams=color_primaries=bt709:color_trc=bt709,"
-            f"scale=out_color_matrix=bt709:out_range=tv,format={pix_fmt}",
-            "-c:v", VIDEO_ENCODERS[codec], "-crf", str(crf), "-pix_fmt", pix_fmt,
+            f"scale=out_color_matrix=bt709:out_range=tv,format={encoder_pix_fmt(self.encoder, pix_fmt)}",
+            *encoder_options(self.encoder, self.crf, pix_fmt), *self._video_tag(),
             "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
-            "-fps_mode", "cfr", "-r", rate, "-movflags", "+faststart", "-f", "mp4", str(self._video_path),
+            "-fps_mode", "cfr", "-r", rate, *spec.muxer_options, "-f", spec.muxer, str(self._video_path),
         ]
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr
         )
+
+    @property
+    def mime(self) -> str:
+        return CONTAINERS[self.container].mime
 
     def __enter__(self) -> "VideoWriter":
         return self
@@ -254,17 +278,34 @@ class VideoWriter:
         if audio is None:
             self._video_path.replace(self.path)
             return
+        spec = CONTAINERS[self.container]
+        copied = spec.copied_audio is None or audio.codec in spec.copied_audio
+        # A container that copies "anything" still lacks ids for a few codecs: re-encode those.
+        attempts = [["copy"]] if copied else []
+        if spec.copied_audio is None or not copied:
+            attempts.append(list(spec.audio_encoder))
         duration = self.frames_written / self.fps
-        audio_codec = ["copy"] if audio.codec in MP4_AUDIO_CODECS else ["aac", "-b:a", AAC_BITRATE]
-        command = [
-            ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
-            "-i", str(self._video_path), "-t", f"{float(duration):.6f}", "-i", str(self.audio_source),
-            "-map", "0:v:0", "-map", f"1:{audio.index}", "-c:v", "copy", "-c:a", *audio_codec,
-            "-map_metadata", "-1", "-movflags", "+faststart", "-f", "mp4", str(self.path),
-        ]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=ENCODE_TIMEOUT_S, check=False)
-        if completed.returncode != 0:
-            raise FfmpegError("ffmpeg could not mux the audio", tail(completed.stderr))
+        for number, audio_codec in enumerate(attempts, start=1):
+            command = [
+                ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
+                "-i", str(self._video_path), "-t", f"{float(duration):.6f}", "-i", str(self.audio_source),
+                "-map", "0:v:0", "-map", f"1:{audio.index}", "-c:v", "copy", *self._video_tag(),
+                "-c:a", *audio_codec, "-map_metadata", "-1", *spec.muxer_options,
+                "-f", spec.muxer, str(self.path),
+            ]
+            completed = subprocess.run(
+                command, capture_output=True, text=True, timeout=ENCODE_TIMEOUT_S, check=False
+            )
+            if completed.returncode == 0:
+                return
+            if number < len(attempts):
+                logger.warning("%s audio cannot be copied into %s, re-encoding it:\n%s",
+                               audio.codec, self.container, tail(completed.stderr))
+        raise FfmpegError("ffmpeg could not mux the audio", tail(completed.stderr))
+
+    def _video_tag(self) -> list[str]:
+        tag = CODECS[self.codec].mp4_tag if self.container == "mp4" else None
+        return ["-tag:v", tag] if tag else []
 
     def _abort(self) -> None:
         """Stop ffmpeg (if still running) and drop the intermediate file."""
