@@ -1,29 +1,33 @@
 """The worker's actions: health, initialize, restore.
 
-Data flows one way: request → validate (schema) → decode media → restore →
-encode → respond. Everything that can be checked without the model (the
-request, the media bytes, the output size) is checked before the model is
-touched; every job works in its own temporary directory, removed on every path.
+Data flows one way: request → validate (schema) → fetch/decode and probe every
+item → restore → encode → deliver → respond. Everything that can be checked
+without the model (the request, every item's bytes, every output size) is
+checked before the model is touched; each job works in its own temporary
+directory, removed on every path.
 """
 
-import base64
 import gc
 import logging
+import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from seedvr import loader, preprocess
+from seedvr.delivery import Delivered
 from seedvr.errors import INVALID_INPUT, OUT_OF_MEMORY, RestoreError
-from seedvr.media.image import read_image, write_image
-from seedvr.media.payload import check_forced_type, decode_base64, sniff_media
-from seedvr.media.video import VideoWriter, iter_frames, probe_video
+from seedvr.inputs import InputItem, gather_inputs
+from seedvr.media.video import iter_frames
 from seedvr.model_holder import ModelHolder
 from seedvr.models.attention import available_backends, resolve_backend
+from seedvr.outputs import deliver_output, video_writer, write_comparison, write_restored_image
+from seedvr.progress import Progress, runpod_sink
+from seedvr.schema import max_output_area
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +74,9 @@ def _check_model_options(request) -> None:
         resolve_backend(request.attention_backend)
     except ValueError as error:
         raise RestoreError(INVALID_INPUT, f"attention_backend: {error}") from None
-    _check_sp_size(request.sp_size)
-
-
-def _check_sp_size(sp_size: int) -> None:
-    if sp_size > 1:
-        raise RestoreError(INVALID_INPUT, f"sp_size {sp_size} asks for sequence parallelism, which this worker "
-                                          f"build does not run yet; send sp_size 1")
+    if request.sp_size > 1:
+        raise RestoreError(INVALID_INPUT, f"sp_size {request.sp_size} asks for sequence parallelism, which this "
+                                          f"worker build does not run yet; send sp_size 1")
 
 
 def initialize(request, job) -> dict:
@@ -94,109 +94,146 @@ def initialize(request, job) -> dict:
     return answer
 
 
+def target_resolution(request, height: int, width: int) -> tuple[int, int]:
+    """The (res_h, res_w) whose area the official resize aims at, after `scale` and the caps."""
+    if request.scale is not None:
+        res_h, res_w = round(height * request.scale), round(width * request.scale)
+    else:
+        res_h, res_w = request.res_h, request.res_w
+    cap_width, cap_height = request.max_resolution
+    cap = min(cap_width * cap_height, max_output_area())
+    if res_h * res_w > cap:
+        shrink = math.sqrt(cap / (res_h * res_w))
+        res_h, res_w = math.floor(res_h * shrink), math.floor(res_w * shrink)
+    out_h, out_w = preprocess.output_size(height, width, max(res_h, 1), max(res_w, 1))
+    if out_h < 16 or out_w < 16:
+        raise RestoreError(INVALID_INPUT, f"the requested size gives a {out_w}x{out_h} output for this {width}x"
+                                          f"{height} input; each side must be at least 16 pixels: raise res_h/res_w "
+                                          f"or scale")
+    return res_h, res_w
+
+
 @dataclass
-class InputMedia:
-    kind: str                   # "video" | "image"
-    path: Path
-    frames: np.ndarray          # uint8 [T, H, W, 3]
-    alpha: np.ndarray | None    # uint8 [H, W] for images with transparency
-    video_info: object | None   # seedvr.media.video.VideoInfo for videos
+class ItemResult:
+    kind: str
+    width: int
+    height: int
+    delivered: Delivered
+    compare: Delivered | None
+    info: dict = field(default_factory=dict)
 
 
-def _decode_media(request, workdir: Path) -> InputMedia:
-    data = decode_base64(request.media_value, request.media_field)
-    sniffed = sniff_media(data)
-    check_forced_type(sniffed, request.media_type)
-    path = workdir / f"input.{sniffed.extension}"
-    path.write_bytes(data)
-    del data
-    field = request.media_field
-    if sniffed.kind == "image":
-        image = read_image(path, field=field)
-        return InputMedia("image", path, image.rgb[None], image.alpha, None)
-    info = probe_video(path, field=field)
-    frames = np.empty((info.frame_count, info.height, info.width, 3), dtype=np.uint8)
-    for index, frame in enumerate(iter_frames(path, info, field=field)):
+def _read_frames(item: InputItem) -> np.ndarray:
+    """uint8 (T, H, W, 3): the image, or the video's frames decoded into one preallocated array."""
+    if item.kind == "image":
+        return item.image.rgb[None]
+    frames = np.empty((item.frame_count, item.height, item.width, 3), dtype=np.uint8)
+    for index, frame in enumerate(iter_frames(item.path, item.video, field=item.field)):
         frames[index] = frame
-    return InputMedia("video", path, frames, None, info)
+    return frames
 
 
-def _encode_output(media: InputMedia, restored: np.ndarray, workdir: Path) -> bytes:
-    if media.kind == "image":
-        path = workdir / "restored.png"
-        write_image(restored[0], media.alpha, path, format="png")
-        return path.read_bytes()
-    path = workdir / "restored.mp4"
-    height, width = restored.shape[1:3]
-    audio = media.path if media.video_info.has_audio else None
-    with VideoWriter(path, width, height, media.video_info.fps, audio_source=audio) as writer:
+def _encode(request, item: InputItem, restored: np.ndarray, workdir: Path):
+    if item.kind == "image":
+        return write_restored_image(request, item, restored[0], workdir)
+    writer, output = video_writer(request, item, workdir, restored.shape[2], restored.shape[1])
+    with writer:
         for frame in restored:
             writer.write(frame)
-    return path.read_bytes()
+    return output
 
 
-def _run_model(request, media: InputMedia, timings: dict):
-    try:
-        with HOLDER.use(request.model_type, request.model_variant, request.attention_backend) as model:
-            started = time.perf_counter()
-            restored = model.pipeline.restore(
-                torch.from_numpy(media.frames), res_h=request.res_h, res_w=request.res_w, seed=request.seed,
-                cfg_scale=request.cfg_scale, cfg_rescale=request.cfg_rescale, sample_steps=request.sample_steps,
-                color_fix=request.color_fix, timings=timings)
-            timings["restore"] = time.perf_counter() - started
-            return model, restored.numpy()
-    except torch.OutOfMemoryError as error:
-        log.warning("CUDA out of memory: %s", error)
-        gc.collect()
-        torch.cuda.empty_cache()
-        raise RestoreError(OUT_OF_MEMORY, "the GPU ran out of memory for this input; lower res_h/res_w, send a "
-                                          "shorter clip or use seedvr2_3b") from None
+def _restore_item(model, request, item: InputItem, workdir: Path, progress: Progress, job_id: str) -> ItemResult:
+    timings = {}
+    started = time.perf_counter()
+    progress.phase("decode")
+    frames = _read_frames(item)
+    timings["decode"] = time.perf_counter() - started
+    res_h, res_w = target_resolution(request, item.height, item.width)
+    restored = model.pipeline.restore(
+        torch.from_numpy(frames), res_h=res_h, res_w=res_w, seed=request.seed, cfg_scale=request.cfg_scale,
+        cfg_rescale=request.cfg_rescale, sample_steps=request.sample_steps, color_fix=request.color_fix,
+        timings=timings, on_phase=progress.phase).numpy()
+    progress.advance(item.frame_count)
+
+    progress.phase("encode")
+    encode_started = time.perf_counter()
+    output = _encode(request, item, restored, workdir)
+    middle = len(restored) // 2
+    comparison = write_comparison(frames[middle], restored[middle], item.index, workdir) if request.compare else None
+    timings["encode"] = time.perf_counter() - encode_started
+    del frames
+
+    progress.phase("deliver")
+    deliver_started = time.perf_counter()
+    delivered = deliver_output(request, output, job_id)
+    compared = deliver_output(request, comparison, job_id) if comparison else None
+    timings["deliver"] = time.perf_counter() - deliver_started
+    info = {"input_resolution": f"{item.width}x{item.height}", "frames": item.frame_count,
+            "timings": {name: round(seconds, 4) for name, seconds in timings.items()}}
+    if item.fps is not None:
+        info["fps"] = str(item.fps)
+    return ItemResult(item.kind, restored.shape[2], restored.shape[1], delivered, compared, info)
+
+
+def _answer(request, model, results: list[ItemResult], total_s: float) -> dict:
+    kinds = [result.kind for result in results]
+    answer = {
+        "success": True,
+        "media": [r.delivered.value if r.delivered.kind == "base64" else None for r in results],
+        "media_type": kinds[0] if len(set(kinds)) == 1 else "mixed",
+        "model_type": model.model_type,
+        "model_variant": model.variant,
+        "resolution": f"{results[0].width}x{results[0].height}",
+    }
+    if any(r.delivered.kind == "url" for r in results):
+        answer["media_urls"] = [r.delivered.value if r.delivered.kind == "url" else None for r in results]
+    if set(kinds) == {"video"}:
+        answer["videos"] = answer["media"]
+    if len(results) > 1:
+        answer["media_types"] = kinds
+        answer["resolutions"] = [f"{r.width}x{r.height}" for r in results]
+    if request.compare:
+        answer["compare"] = [r.compare.value for r in results]
+    info = {
+        "seed": request.seed,
+        "cfg_scale": request.cfg_scale,
+        "cfg_rescale": request.cfg_rescale,
+        "sample_steps": request.sample_steps,
+        "sequence_parallel_size": request.sp_size,
+        "color_fix": request.color_fix,
+        "preset": request.preset,
+    }
+    if len(results) == 1:
+        info.update(results[0].info)
+        info["timings"]["total"] = round(total_s, 4)
+    else:
+        info["items"] = [r.info for r in results]
+        info["timings"] = {"total": round(total_s, 4)}
+    answer["processing_info"] = info
+    if model.random_weights:
+        answer.update(random_weights=True, warning=RANDOM_WEIGHTS_WARNING)
+    return answer
 
 
 def restore(request, job) -> dict:
     _check_model_options(request)
-    timings = {}
     started = time.perf_counter()
+    job_id = str(job.get("id", "local"))
     with tempfile.TemporaryDirectory(prefix="seedvr-job-") as tmp:
         workdir = Path(tmp)
-        media = _decode_media(request, workdir)
-        timings["decode"] = time.perf_counter() - started
-        frame_count, in_h, in_w = media.frames.shape[:3]
-        out_h, out_w = preprocess.output_size(in_h, in_w, request.res_h, request.res_w)
-        if out_h < 16 or out_w < 16:
-            raise RestoreError(INVALID_INPUT, f"res_h·res_w gives a {out_w}x{out_h} output for this "
-                                              f"{in_w}x{in_h} input; each side must be at least 16 pixels")
-
-        model, restored = _run_model(request, media, timings)
-        media.frames = None
-
-        encode_started = time.perf_counter()
-        encoded = base64.b64encode(_encode_output(media, restored, workdir)).decode("ascii")
-        timings["encode"] = time.perf_counter() - encode_started
-    timings["total"] = time.perf_counter() - started
-
-    answer = {
-        "success": True,
-        "media": [encoded],
-        "media_type": media.kind,
-        "model_type": model.model_type,
-        "model_variant": model.variant,
-        "resolution": f"{restored.shape[2]}x{restored.shape[1]}",
-        "processing_info": {
-            "seed": request.seed,
-            "cfg_scale": request.cfg_scale,
-            "cfg_rescale": request.cfg_rescale,
-            "sample_steps": request.sample_steps,
-            "sequence_parallel_size": request.sp_size,
-            "color_fix": request.color_fix,
-            "input_resolution": f"{in_w}x{in_h}",
-            "frames": frame_count,
-            "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
-        },
-    }
-    if media.kind == "video":
-        answer["videos"] = answer["media"]
-        answer["processing_info"]["fps"] = str(media.video_info.fps)
-    if model.random_weights:
-        answer.update(random_weights=True, warning=RANDOM_WEIGHTS_WARNING)
-    return answer
+        items = gather_inputs(request, workdir)
+        for item in items:  # every output size is checked before the model is touched
+            target_resolution(request, item.height, item.width)
+        progress = Progress(sum(item.frame_count for item in items), runpod_sink(job))
+        progress.phase("load_model")
+        try:
+            with HOLDER.use(request.model_type, request.model_variant, request.attention_backend) as model:
+                results = [_restore_item(model, request, item, workdir, progress, job_id) for item in items]
+        except torch.OutOfMemoryError as error:
+            log.warning("CUDA out of memory: %s", error)
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise RestoreError(OUT_OF_MEMORY, "the GPU ran out of memory for this input; lower res_h/res_w, send "
+                                              "a shorter clip or use seedvr2_3b") from None
+    return _answer(request, model, results, time.perf_counter() - started)

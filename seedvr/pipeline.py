@@ -49,19 +49,20 @@ class SeedVR2:
 
     @torch.inference_mode()
     def restore(self, frames, *, res_h=1280, res_w=720, seed=666, cfg_scale=1.0, cfg_rescale=0.0, sample_steps=1,
-                color_fix="wavelet", eps=None, noise=None, timings=None, stages=None) -> torch.Tensor:
+                color_fix="wavelet", eps=None, noise=None, timings=None, stages=None, on_phase=None) -> torch.Tensor:
         """uint8 (f, H, W, 3) frames (torch or numpy) -> restored uint8 (f, Hc, Wc, 3) on CPU.
 
         seed: a per-request generator, drawn in the official order (posterior eps, x_T noise, unused aug noise).
         eps (1, 16, t, h, w) / noise (t, h, w, 16): injected instead of the drawn ones (the draws still happen).
         timings: filled with seconds per phase. stages: filled with float32 CPU copies of the intermediates,
         named as in the golden pipeline_tiny (costs memory; for tests and debugging).
+        on_phase: called with each phase's name as it starts (progress reporting).
         """
         if color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"unknown color_fix {color_fix!r}; must be one of {', '.join(COLOR_FIX_METHODS)}")
         timesteps = diffusion.uniform_trailing_timesteps(sample_steps, device=self.device)
         record = _StageRecorder(stages)
-        phase = _PhaseTimer(self.device, timings)
+        phase = _PhaseTimer(self.device, timings, on_phase)
         generator = torch.Generator(self.device).manual_seed(seed)
 
         with phase("preprocess"):
@@ -192,14 +193,18 @@ class _StageRecorder:
 
 
 class _PhaseTimer:
-    """Context manager per phase; adds its wall time in seconds to `timings` (synchronising CUDA)."""
+    """Context manager per phase; adds its wall time in seconds to `timings` (synchronising CUDA) and tells
+    `on_start` the phase's name as it begins."""
 
-    def __init__(self, device: torch.device, timings: dict | None):
+    def __init__(self, device: torch.device, timings: dict | None, on_start=None):
         self.device = device
         self.timings = timings
+        self.on_start = on_start
 
     @contextmanager
     def __call__(self, name: str):
+        if self.on_start is not None:
+            self.on_start(name)
         if self.timings is None:
             yield
             return

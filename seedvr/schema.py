@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, get_args
 
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError, excerpt
+from seedvr.media.encoders import CODECS, CONTAINERS, PIXEL_FORMATS, container_for, crf_range
 
 ACTIONS = ("health", "initialize", "restore")
 MODEL_TYPES = ("seedvr2_3b", "seedvr2_7b")
@@ -31,10 +32,20 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
 MEDIA_FIELDS = ("media", "video", "image")  # `video` and `image` are the legacy names
 MEDIA_TYPES = ("auto", "video", "image")
 COLOR_FIXES = ("wavelet", "adain", "none")
+MAX_ITEMS = 16  # media items in one job (a list in `media` or `media_url`)
+PRESETS = {  # preset -> (model_type, (res_h, res_w)); explicit fields win over the preset
+    "fast": ("seedvr2_3b", (480, 854)),
+    "balanced": ("seedvr2_3b", (1280, 720)),
+    "quality": ("seedvr2_7b", (1920, 1080)),
+}
+DEFAULT_RESOLUTION = (1280, 720)  # res_h, res_w of the contract (an area: 921,600 pixels)
+DELIVERIES = ("auto", "base64", "url")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
 MIN_SIDE, MAX_SIDE = 16, 8192  # bounds of res_h and res_w, in pixels
 DEFAULT_MAX_OUTPUT_AREA = 3840 * 2160  # 4K UHD; the env SEEDVR_MAX_OUTPUT_AREA overrides it
 MAX_PROBLEMS_SHOWN = 4  # keeps the error message short when a request is wrong everywhere
 MAX_NAMES_SHOWN = 3  # unknown field names quoted in one message
+MAX_VALID_SHOWN = 8  # valid field names listed after an unknown one
 REQUIRED = object()  # the default of a field the client must send
 
 
@@ -98,7 +109,54 @@ class NonEmptyString:
         return value
 
 
-def option(default: Any, accepts: Integer | Number | Choice | NonEmptyString, doc: str, *, in_repr: bool = True):
+@dataclass(frozen=True)
+class Boolean:
+    def describe(self) -> str:
+        return "true or false"
+
+    def read(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise Rejected()
+        return value
+
+
+@dataclass(frozen=True)
+class Strings:
+    """One non-empty string, or a list of 1..max_items of them; read as a tuple."""
+
+    max_items: int
+
+    def describe(self) -> str:
+        return f"a non-empty string or a list of 1 to {self.max_items} of them"
+
+    def read(self, value: Any) -> tuple[str, ...]:
+        items = value if isinstance(value, list) else [value]
+        if not 1 <= len(items) <= self.max_items:
+            raise Rejected()
+        return tuple(NonEmptyString().read(item) for item in items)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """"WIDTHxHEIGHT", read as (width, height)."""
+
+    def describe(self) -> str:
+        return f'"WIDTHxHEIGHT" with sides between {MIN_SIDE} and {MAX_SIDE}, e.g. "3840x2160"'
+
+    def read(self, value: Any) -> tuple[int, int]:
+        parts = value.lower().split("x") if isinstance(value, str) else []
+        if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
+            raise Rejected()
+        width, height = int(parts[0]), int(parts[1])
+        if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+            raise Rejected()
+        return width, height
+
+
+Accepts = Integer | Number | Choice | NonEmptyString | Boolean | Strings | Resolution
+
+
+def option(default: Any, accepts: Accepts, doc: str, *, in_repr: bool = True):
     """Declare a request field: its default, what it accepts and a one-line doc."""
     return dataclasses.field(default=default, repr=in_repr, metadata={"accepts": accepts, "doc": doc})
 
@@ -108,7 +166,7 @@ class Field:
     """One row of the table."""
 
     name: str
-    accepts: Integer | Number | Choice | NonEmptyString
+    accepts: Accepts
     default: Any  # REQUIRED when the client must send it
     doc: str
 
@@ -116,23 +174,28 @@ class Field:
 ACTION_FIELD = Field("action", Choice(ACTIONS), REQUIRED, "what to do: health, initialize or restore")
 
 
-# Rules: checks across fields. A rule's parameters are named after the fields it reads; it runs only
-# when all of them are valid, and returns a problem or None.
-def _assumed_model(model_type: str | None) -> tuple[str, str]:
+# Rules: checks across fields. A rule's parameters are named after the fields it reads (a parameter with a
+# default may name a field another action lacks); it runs only when all of them are valid, and returns a
+# problem or None.
+def _assumed_model(model_type: str | None, preset: str | None = None) -> tuple[str, str]:
     """The model the checks hold a request to, and the note that says so when it was not given."""
-    return (model_type, "") if model_type else (DEFAULT_MODEL_TYPE, " (the default, as model_type is not given)")
+    if model_type:
+        return model_type, ""
+    if preset:
+        return PRESETS[preset][0], f" (preset {preset!r}, as model_type is not given)"
+    return DEFAULT_MODEL_TYPE, " (the default, as model_type is not given)"
 
 
-def variant_exists(model_type: str | None, model_variant: str) -> str | None:
-    model, assumed = _assumed_model(model_type)
+def variant_exists(model_type: str | None, model_variant: str, preset: str | None = None) -> str | None:
+    model, assumed = _assumed_model(model_type, preset)
     if model_variant in MODEL_VARIANTS[model]:
         return None
     owners = [name for name, variants in MODEL_VARIANTS.items() if model_variant in variants]
     return f"model_variant {model_variant!r} exists only for {', '.join(owners)}, not {model}{assumed}"
 
 
-def sp_size_divides_heads(model_type: str | None, sp_size: int) -> str | None:
-    model, assumed = _assumed_model(model_type)
+def sp_size_divides_heads(model_type: str | None, sp_size: int, preset: str | None = None) -> str | None:
+    model, assumed = _assumed_model(model_type, preset)
     heads = ATTENTION_HEADS[model]
     if heads % sp_size == 0:
         return None
@@ -140,12 +203,13 @@ def sp_size_divides_heads(model_type: str | None, sp_size: int) -> str | None:
     return f"sp_size must divide the {heads} attention heads of {model}{assumed}: one of {divisors}, got {sp_size}"
 
 
-def one_media_field(media: str | None, video: str | None, image: str | None) -> str | None:
-    given = [name for name, value in zip(MEDIA_FIELDS, (media, video, image)) if value is not None]
+def one_media_field(media: tuple | None, video: str | None, image: str | None, media_url: tuple | None) -> str | None:
+    given = [name for name, value in zip(MEDIA_FIELDS + ("media_url",), (media, video, image, media_url))
+             if value is not None]
     if not given:
-        return "No media provided: send base64 in `media` (or legacy `video`/`image`)"
+        return "No media provided: send base64 in `media` (or legacy `video`/`image`), or a URL in `media_url`"
     if len(given) > 1:
-        return f"media sent in {' and '.join(f'`{name}`' for name in given)}: send it in `media` only"
+        return f"media sent in {' and '.join(f'`{name}`' for name in given)}: send it in one field only"
     return None
 
 
@@ -167,11 +231,34 @@ def max_output_area() -> int:
     return area
 
 
-def output_area_within_cap(res_h: int, res_w: int) -> str | None:
+def output_area_within_cap(res_h: int | None, res_w: int | None) -> str | None:
+    """An explicit area over the worker's cap is refused; max_resolution and scale are soft caps, applied later."""
     cap = max_output_area()
-    if res_h * res_w <= cap:
+    res_h, res_w = res_h or DEFAULT_RESOLUTION[0], res_w or DEFAULT_RESOLUTION[1]
+    if res_h * res_w > cap:
+        return f"res_h*res_w must be at most {cap} pixels, got {res_h}*{res_w} = {res_h * res_w}"
+    return None
+
+
+def scale_or_resolution(scale: float | None, res_h: int | None, res_w: int | None) -> str | None:
+    if scale is not None and (res_h is not None or res_w is not None):
+        return "send either scale or res_h/res_w, not both"
+    return None
+
+
+def crf_in_codec_range(codec: str, crf: int | None) -> str | None:
+    low, high = crf_range(codec)
+    if crf is None or low <= crf <= high:
         return None
-    return f"res_h*res_w must be at most {cap} pixels, got {res_h}*{res_w} = {res_h * res_w}"
+    return f"crf for {codec} must be between {low} and {high}, got {crf}"
+
+
+def container_holds_codec(codec: str, container: str | None) -> str | None:
+    try:
+        container_for(codec, container)
+    except ValueError as error:
+        return f"container: {error}"
+    return None
 
 
 # The requests: one frozen dataclass per action; its fields are the table.
@@ -208,37 +295,74 @@ class RestoreRequest(ModelOptions):
 
     action: ClassVar[str] = "restore"
     rules: ClassVar[tuple[Callable, ...]] = ModelOptions.rules + (
-        one_media_field, legacy_field_agrees_with_media_type, output_area_within_cap)
+        one_media_field, legacy_field_agrees_with_media_type, scale_or_resolution, output_area_within_cap,
+        crf_in_codec_range, container_holds_codec)
 
-    # Media payloads can be hundreds of MB: they stay out of repr() and thus out of logs.
-    media: str | None = option(None, NonEmptyString(), "the input video or image, base64", in_repr=False)
+    # Input. Media payloads can be hundreds of MB: they stay out of repr() and thus out of logs.
+    media: tuple[str, ...] | None = option(
+        None, Strings(MAX_ITEMS), "the input video(s) or image(s), base64 or data URI; a list restores each in turn",
+        in_repr=False)
     video: str | None = option(None, NonEmptyString(), "legacy `media`; implies media_type video", in_repr=False)
     image: str | None = option(None, NonEmptyString(), "legacy `media`; implies media_type image", in_repr=False)
+    media_url: tuple[str, ...] | None = option(
+        None, Strings(MAX_ITEMS), "http(s) URL(s) of the input instead of base64 (for inputs over RunPod's "
+                                  "10/20 MB request limit)", in_repr=False)
     media_type: str = option("auto", Choice(MEDIA_TYPES), "what the media is; auto = detect from the bytes")
-    res_h: int = option(1280, Integer(MIN_SIDE, MAX_SIDE),
-                        "with res_w, sets the output AREA res_h*res_w; the aspect ratio follows the input")
-    res_w: int = option(720, Integer(MIN_SIDE, MAX_SIDE),
-                        "see res_h (the official script's rule); res_h*res_w <= SEEDVR_MAX_OUTPUT_AREA")
+    # What to make
+    preset: str | None = option(None, Choice(tuple(PRESETS)),
+                                "fast = 3B at 854x480 area, balanced = 3B at 1280x720, quality = 7B at 1920x1080; "
+                                "explicit model_type/res_h/res_w/scale win")
+    res_h: int | None = option(None, Integer(MIN_SIDE, MAX_SIDE),
+                               "with res_w, sets the output AREA res_h*res_w (default 1280*720, or the preset's); "
+                               "the aspect ratio follows the input")
+    res_w: int | None = option(None, Integer(MIN_SIDE, MAX_SIDE),
+                               "see res_h (the official script's rule); default 720")
+    scale: float | None = option(None, Number(0.25, 8.0),
+                                 "instead of res_h/res_w: output area = input area * scale^2")
+    max_resolution: tuple[int, int] | str = option(
+        "3840x2160", Resolution(), "caps the output area at WIDTH*HEIGHT (the result is scaled down to fit); "
+                                   "read as (width, height)")
     seed: int = option(666, Integer(0, 2**32 - 1), "seed of the diffusion noise")
     cfg_scale: float = option(1.0, Number(0.0, 20.0), "classifier-free guidance scale; 1.0 = no guidance (one step)")
     cfg_rescale: float = option(0.0, Number(0.0, 1.0), "guidance rescale factor")
     sample_steps: int = option(1, Integer(1, 50), "diffusion steps; SeedVR2 is trained for 1")
     color_fix: str = option("wavelet", Choice(COLOR_FIXES), "match the output colours to the input")
+    # How to return it
+    output_delivery: str = option("auto", Choice(DELIVERIES),
+                                  "auto = base64 under 15 MB else an S3 URL (needs BUCKET_* env); base64; url")
+    return_data_uri: bool = option(False, Boolean(), "base64 results as data URIs (data:video/mp4;base64,...)")
+    compare: bool = option(False, Boolean(), "also return a side-by-side before/after PNG (a video's middle frame)")
+    codec: str = option("h264", Choice(tuple(CODECS)), "video codec (NVENC when the GPU offers it)")
+    crf: int | None = option(None, Integer(0, 63), "video quality, lower = better; null = the codec's default "
+                                                   "(h264 18, h265 20, vp9 30, av1 30)")
+    pix_fmt: str = option("yuv420p", Choice(PIXEL_FORMATS), "video pixel format (10-bit: yuv420p10le)")
+    container: str | None = option(None, Choice(tuple(CONTAINERS)), "video container; null = mp4 (webm for vp9)")
+    format: str = option("png", Choice(IMAGE_FORMATS), "image output format")
+    quality: int = option(95, Integer(1, 100), "jpeg/webp quality")
 
-    def __post_init__(self):
+    def __post_init__(self):  # the dataclass is frozen: resolved values are set with object.__setattr__
         implied = self.media_field if self.media_field in ("video", "image") else None
         if self.media_type == "auto" and implied:
-            object.__setattr__(self, "media_type", implied)  # the dataclass is frozen
+            object.__setattr__(self, "media_type", implied)
+        if self.preset and self.model_type is None:
+            object.__setattr__(self, "model_type", PRESETS[self.preset][0])
+        if self.scale is None:  # res_h / res_w not given take the preset's or the contract's
+            res_h, res_w = PRESETS[self.preset][1] if self.preset else DEFAULT_RESOLUTION
+            object.__setattr__(self, "res_h", self.res_h or res_h)
+            object.__setattr__(self, "res_w", self.res_w or res_w)
+        if isinstance(self.max_resolution, str):
+            object.__setattr__(self, "max_resolution", Resolution().read(self.max_resolution))
 
     @property
     def media_field(self) -> str | None:
-        """Which field carried the media: "media", or the legacy "video" / "image"."""
-        return next((name for name in MEDIA_FIELDS if getattr(self, name) is not None), None)
+        """Which field carried the media: "media", "media_url", or the legacy "video" / "image"."""
+        return next((name for name in MEDIA_FIELDS + ("media_url",) if getattr(self, name) is not None), None)
 
     @property
-    def media_value(self) -> str | None:
-        """The media string as sent (base64, not yet decoded)."""
-        return getattr(self, self.media_field) if self.media_field else None
+    def media_values(self) -> tuple[str, ...]:
+        """The media strings as sent (base64 or URLs, not yet decoded), one per item."""
+        value = getattr(self, self.media_field) if self.media_field else None
+        return (value,) if isinstance(value, str) else (value or ())
 
 
 Request = HealthRequest | InitializeRequest | RestoreRequest
@@ -302,7 +426,10 @@ def _unknown_fields_problem(job_input: dict, action: str) -> str | None:
     if len(unknown) > MAX_NAMES_SHOWN:
         shown.append(f"and {len(unknown) - MAX_NAMES_SHOWN} more")
     problem = f"unknown field{'s' if len(unknown) > 1 else ''} for action {action!r}: {', '.join(shown)}"
-    return problem + (f"; valid fields: {', '.join(valid)}" if lacks_suggestion else "")
+    if not lacks_suggestion:
+        return problem
+    listed = ", ".join(valid[:MAX_VALID_SHOWN]) + (", ... (see the README)" if len(valid) > MAX_VALID_SHOWN else "")
+    return f"{problem}; valid fields: {listed}"
 
 
 def _invalid_input(problems: list[str]) -> RestoreError:
@@ -329,7 +456,8 @@ def parse_request(job_input: Any) -> Request:
             invalid.add(field.name)
     for rule in request_type.rules:
         reads = inspect.signature(rule).parameters
-        if invalid.isdisjoint(reads) and (problem := rule(**{name: values[name] for name in reads})):
+        given = {name: values[name] for name in reads if name in values}  # a rule may default what an action lacks
+        if invalid.isdisjoint(reads) and (problem := rule(**given)):
             problems.append(problem)
     if problems:
         raise _invalid_input(problems)
@@ -342,7 +470,10 @@ def describe() -> str:
     for action, table in TABLE.items():
         lines += [f"### `{action}`", "", "| field | accepts | default | description |", "|---|---|---|---|"]
         for field in table:
-            default = "required" if field.default is REQUIRED else f"`{json.dumps(field.default)}`"
+            if field.default is REQUIRED:
+                default = "required"
+            else:
+                default = f"`{json.dumps(field.default)}`"
             lines.append(f"| `{field.name}` | {field.accepts.describe()} | {default} | {field.doc} |")
         lines.append("")
     return "\n".join(lines)

@@ -19,6 +19,12 @@ CONTRACT_RESTORE_DEFAULTS = {
     "sample_steps": 1, "model_type": None, "model_variant": "normal", "sp_size": 1, "attention_backend": "auto",
     "color_fix": "wavelet",
 }
+# issue 5's options, each with its default
+DELIVERY_OPTIONS = {
+    "media_url": None, "preset": None, "scale": None, "max_resolution": (3840, 2160), "output_delivery": "auto",
+    "return_data_uri": False, "compare": False, "codec": "h264", "crf": None, "pix_fmt": "yuv420p", "container": None,
+    "format": "png", "quality": 95,
+}
 CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": "normal", "sp_size": 1, "attention_backend": "auto"}
 SP_SIZES = {"seedvr2_3b": {1, 2, 4, 5, 10, 20}, "seedvr2_7b": {1, 2, 3, 4, 6, 8, 12, 24}}
 # (field, lowest accepted, highest accepted, just below, just above)
@@ -125,6 +131,9 @@ def test_numeric_bounds_are_inclusive(name, low, high, below, above):
                          ids=["true", "false", "int-string", "float-string", "null", "list", "object", "nan", "inf",
                               "-inf"])
 def test_numeric_fields_reject_non_numbers(name, value):
+    if value is None and name in ("res_h", "res_w"):  # nullable: null means "not given"
+        assert getattr(parse_request(restore(**{name: value})), name) == CONTRACT_RESTORE_DEFAULTS[name]
+        return
     assert rejection(restore(**{name: value})).startswith(f"{name} must be ")
 
 
@@ -214,7 +223,8 @@ def test_sp_size_must_divide_the_heads(action, model_type):
 
 
 def test_no_media_is_an_error():
-    assert rejection({"action": "restore"}) == "No media provided: send base64 in `media` (or legacy `video`/`image`)"
+    assert rejection({"action": "restore"}) == \
+        "No media provided: send base64 in `media` (or legacy `video`/`image`), or a URL in `media_url`"
 
 
 @pytest.mark.parametrize("fields", [("media", "video"), ("media", "image"), ("video", "image"), ("media", "video", "image")])
@@ -226,8 +236,12 @@ def test_media_in_two_fields_is_an_error(fields):
 @pytest.mark.parametrize("value", ["", "   ", 5, True, ["eA=="], {"data": "eA=="}])
 @pytest.mark.parametrize("name", ["media", "video", "image"])
 def test_media_must_be_a_non_empty_string(name, value):
+    if name == "media" and value == ["eA=="]:  # a list is how `media` carries several items
+        assert parse_request({"action": "restore", name: value}).media_values == ("eA==",)
+        return
     message = rejection({"action": "restore", name: value})
-    assert message == f"{name} must be a non-empty string, got {schema._show(value)}"  # and no "No media provided"
+    accepts = "a non-empty string or a list of 1 to 16 of them" if name == "media" else "a non-empty string"
+    assert message == f"{name} must be {accepts}, got {schema._show(value)}"  # and no "No media provided"
 
 
 @pytest.mark.parametrize("field,media_type,expected", [
@@ -239,7 +253,7 @@ def test_media_field_and_implied_media_type(field, media_type, expected):
     if media_type is not None:
         job_input["media_type"] = media_type
     request = parse_request(job_input)
-    assert (request.media_field, request.media_value, request.media_type) == (field, "aGVsbG8=", expected)
+    assert (request.media_field, request.media_values, request.media_type) == (field, ("aGVsbG8=",), expected)
 
 
 @pytest.mark.parametrize("field,media_type", [("video", "image"), ("image", "video")])
@@ -315,14 +329,15 @@ def test_every_field_has_a_doc_and_a_valid_default():
         for field in table:
             assert field.doc.strip(), f"{action}.{field.name} has no doc"
             if field.default not in (REQUIRED, None):
-                assert field.accepts.read(field.default) == field.default, f"{action}.{field.name}"
+                read = field.accepts.read(field.default)
+                assert read == field.default or isinstance(field.accepts, schema.Resolution), f"{action}.{field.name}"
 
 
 def test_table_lists_exactly_the_contract_fields():
     names = {action: {field.name for field in table} for action, table in schema.TABLE.items()}
     assert names["health"] == {"action"}
     assert names["initialize"] == {"action", *CONTRACT_INITIALIZE_DEFAULTS}
-    assert names["restore"] == {"action", "media", "video", "image", *CONTRACT_RESTORE_DEFAULTS}
+    assert names["restore"] == {"action", "media", "video", "image", *CONTRACT_RESTORE_DEFAULTS, *DELIVERY_OPTIONS}
 
 
 def test_describe_lists_every_field_with_its_default():
@@ -331,7 +346,8 @@ def test_describe_lists_every_field_with_its_default():
         assert f"### `{action}`" in text
         for field in table:
             assert f"| `{field.name}` |" in text
-    assert "| `res_h` | an integer between 16 and 8192 | `1280` |" in text
+    assert "| `seed` | an integer between 0 and 4294967295 | `666` |" in text
+    assert "| `res_h` | an integer between 16 and 8192 | `null` |" in text  # null = 1280 or the preset's
     assert "| `action` | one of 'health', 'initialize', 'restore' | required |" in text
 
 
@@ -354,3 +370,55 @@ def test_head_counts_match_the_model_configs(model_type):
     if not path.is_file():
         pytest.skip(f"{path} not present")
     assert omegaconf.OmegaConf.load(path).dit.kwargs.heads == schema.ATTENTION_HEADS[model_type]
+
+
+# ---- Issue 5 options
+
+def test_preset_sets_model_and_area_unless_given():
+    quality = parse_request(restore(preset="quality"))
+    assert (quality.model_type, quality.res_h, quality.res_w) == ("seedvr2_7b", 1920, 1080)
+    fast = parse_request(restore(preset="fast", model_type="seedvr2_7b", res_h=640))
+    assert (fast.model_type, fast.res_h, fast.res_w) == ("seedvr2_7b", 640, 854)
+    # the preset's model is the one the cross-field checks assume
+    assert parse_request(restore(preset="quality", model_variant="sharp")).model_variant == "sharp"
+    assert "preset 'fast'" in rejection(restore(preset="fast", model_variant="sharp"))
+
+
+def test_scale_excludes_res_and_leaves_them_unresolved():
+    request = parse_request(restore(scale=2))
+    assert request.scale == 2.0 and request.res_h is None and request.res_w is None
+    assert rejection(restore(scale=2, res_w=720)) == "send either scale or res_h/res_w, not both"
+    assert rejection(restore(scale=9)).startswith("scale must be a number between 0.25 and 8.0")
+
+
+@pytest.mark.parametrize("value,expected", [("1920x1080", (1920, 1080)), ("640X360", (640, 360))])
+def test_max_resolution_reads_width_by_height(value, expected):
+    assert parse_request(restore(max_resolution=value)).max_resolution == expected
+
+
+@pytest.mark.parametrize("value", ["1920*1080", "x1080", "15x1080", "1920x", 1920, ["1920", "1080"], "9000x10"])
+def test_max_resolution_rejects_other_shapes(value):
+    assert rejection(restore(max_resolution=value)).startswith("max_resolution must be \"WIDTHxHEIGHT\"")
+
+
+def test_media_lists_and_urls():
+    request = parse_request({"action": "restore", "media_url": ["https://a/x.mp4", "https://b/y.png"]})
+    assert request.media_field == "media_url" and request.media_values == ("https://a/x.mp4", "https://b/y.png")
+    assert "1 to 16" in rejection({"action": "restore", "media": ["eA=="] * 17})
+    assert "1 to 16" in rejection({"action": "restore", "media": []})
+    assert "`media` and `media_url`" in rejection({"action": "restore", "media": "eA==", "media_url": "https://a"})
+    assert "https://a" not in repr(request)
+
+
+def test_codec_crf_and_container_are_checked_together():
+    assert rejection(restore(codec="h264", crf=52)) == "crf for h264 must be between 0 and 51, got 52"
+    assert parse_request(restore(codec="vp9", crf=63)).crf == 63
+    assert rejection(restore(codec="h265", container="webm")).startswith("container: a webm file cannot hold h265")
+    assert parse_request(restore(codec="av1", container="webm")).container == "webm"
+
+
+@pytest.mark.parametrize("name", ["return_data_uri", "compare"])
+def test_boolean_options_take_only_booleans(name):
+    assert getattr(parse_request(restore(**{name: True})), name) is True
+    assert rejection(restore(**{name: 1})) == f"{name} must be true or false, got 1"
+
