@@ -1,9 +1,13 @@
-"""Shared test fixtures: where the reference data lives."""
+"""Shared test fixtures: the reference data, a tiny random-weight installation, an S3 server."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import boto3
 import pytest
+from moto import server as moto_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +33,27 @@ def reference() -> Path:
 @pytest.fixture(scope="session")
 def golden(reference) -> Path:
     return reference / "golden"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight installation written by `python -m seedvr.tiny` (the README's plumbing check)."""
+    root = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "-m", "seedvr.tiny", str(root)], cwd=REPO_ROOT, check=True, capture_output=True)
+    return root
+
+
+S3_BUCKET = "seedvr-results"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Root URL of a moto S3 server on loopback holding an empty bucket S3_BUCKET."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    root = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=root, region_name="us-east-1", aws_access_key_id="x",
+                 aws_secret_access_key="x").create_bucket(Bucket=S3_BUCKET)
+    yield root
+    server.stop()

@@ -10,26 +10,11 @@ import boto3
 import pytest
 import requests
 
+from conftest import S3_BUCKET as BUCKET
 from seedvr.delivery import BUCKET_ENV_VARS, bucket_configured, deliver
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
 
-moto_server = pytest.importorskip("moto.server")
-
-BUCKET = "seedvr-results"
 CREDENTIALS = {"BUCKET_ACCESS_KEY_ID": "test-key", "BUCKET_SECRET_ACCESS_KEY": "test-secret"}
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """Root URL of a moto S3 server holding an empty bucket BUCKET."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    root = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=root, region_name="us-east-1", aws_access_key_id="x",
-                 aws_secret_access_key="x").create_bucket(Bucket=BUCKET)
-    yield root
-    server.stop()
 
 
 @pytest.fixture

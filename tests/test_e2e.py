@@ -5,8 +5,6 @@ Requests are POSTed to /runsync exactly as curl would send them.
 
 import base64
 import io
-import subprocess
-import sys
 import time
 from fractions import Fraction
 
@@ -16,15 +14,7 @@ from PIL import Image
 
 from media_factory import make_audio_only, make_image, make_video, pattern_frames, write_video
 from seedvr.media.video import iter_frames, probe_video
-from worker_server import REPO_ROOT, WorkerServer, make_job_tmp, tiny_environment
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "-m", "seedvr.tiny", str(root)], cwd=REPO_ROOT, check=True,
-                   capture_output=True)
-    return root
+from worker_server import WorkerServer, make_job_tmp, tiny_environment
 
 
 @pytest.fixture(scope="session")
