@@ -11,15 +11,18 @@ import logging
 import os
 
 import runpod
+from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from seedvr import actions
 from seedvr.errors import INTERNAL, RestoreError
 from seedvr.schema import parse_request
 
-logging.basicConfig(
-    level=logging.DEBUG if os.environ.get("RUNPOD_DEBUG") == "1" else logging.INFO,
-    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-)
+DEBUG = os.environ.get("RUNPOD_DEBUG") == "1"
+# force: runpod's upload module configures the root logger when it is imported
+logging.basicConfig(level=logging.DEBUG if DEBUG else logging.INFO, force=True,
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+if DEBUG:
+    RunPodLogger().set_level("DEBUG")
 log = logging.getLogger("seedvr.handler")
 
 ACTIONS = {

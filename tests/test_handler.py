@@ -1,0 +1,107 @@
+"""The handler in-process: routing, error shapes, the model holder under concurrent jobs."""
+
+import base64
+import gc
+import subprocess
+import sys
+import threading
+import weakref
+
+import pytest
+
+import handler
+from media_factory import make_image
+from seedvr import actions
+from worker_server import REPO_ROOT
+
+
+@pytest.fixture
+def tiny_env(tiny_dir, monkeypatch):
+    monkeypatch.setenv("SEEDVR_CONFIG_DIR", str(tiny_dir))
+    monkeypatch.setenv("SEEDVR_CKPT_DIR", str(tiny_dir / "ckpts"))
+    monkeypatch.setenv("SEEDVR_EMBEDDINGS_DIR", str(tiny_dir / "embeddings"))
+    return tiny_dir
+
+
+def run(job_input) -> dict:
+    return handler.handler({"id": "test-job", "input": job_input})
+
+
+@pytest.mark.parametrize("job_input", [None, "health", ["restore"], 5])
+def test_input_that_is_not_an_object(job_input):
+    assert run(job_input)["error"].startswith("INVALID_INPUT: input must be a JSON object")
+
+
+def test_unknown_action_lists_the_valid_ones():
+    error = run({"action": "upscale"})["error"]
+    assert error.startswith("INVALID_INPUT: action") and all(name in error for name in handler.ACTIONS)
+
+
+def test_missing_weights_name_the_files_and_the_download_command(tiny_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEEDVR_CKPT_DIR", str(tmp_path))
+    error = run({"action": "initialize", "model_type": "seedvr2_7b", "model_variant": "sharp"})["error"]
+    assert error.startswith("MODEL_NOT_AVAILABLE: ")
+    assert str(tmp_path / "seedvr2_ema_7b_sharp.pth") in error and str(tmp_path / "ema_vae.pth") in error
+    assert "python -m seedvr.weights download --model seedvr2_7b_sharp" in error
+    assert "pos_emb.pt" not in error  # the embeddings are present
+
+
+def test_a_checkpoint_that_does_not_fit_names_file_and_key(tiny_env, tmp_path, monkeypatch):
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for name in ("seedvr2_ema_3b.pth", "ema_vae.pth"):
+        (ckpts / name).write_bytes((tiny_env / "ckpts" / name).read_bytes())
+    (ckpts / "seedvr2_ema_3b.pth").write_bytes((tiny_env / "ckpts" / "seedvr2_ema_7b.pth").read_bytes())
+    monkeypatch.setenv("SEEDVR_CKPT_DIR", str(ckpts))
+    actions.HOLDER._release()
+    error = run({"action": "initialize", "model_type": "seedvr2_3b"})["error"]
+    assert error.startswith("MODEL_NOT_AVAILABLE: ") and "seedvr2_ema_3b.pth" in error
+    assert "blocks." in error  # names a key
+
+
+def test_unexpected_errors_are_internal_and_leak_nothing(monkeypatch):
+    def broken(request, job):
+        raise RuntimeError("secret path /etc/shadow")
+
+    monkeypatch.setitem(handler.ACTIONS, "health", broken)
+    error = run({"action": "health"})["error"]
+    assert error.startswith("INTERNAL: ") and "secret" not in error and "Traceback" not in error
+    assert "test-job" in error  # points at the log
+
+
+def test_concurrent_jobs_for_two_models_are_serialised(tiny_env, tmp_path):
+    path, _, _ = make_image(tmp_path, "jpeg")
+    media = base64.b64encode(path.read_bytes()).decode()
+    answers = {}
+
+    def job(model_type):
+        answers[model_type] = run({"action": "restore", "media": media, "res_h": 64, "res_w": 96,
+                                   "model_type": model_type})
+
+    threads = [threading.Thread(target=job, args=(model,)) for model in ("seedvr2_3b", "seedvr2_7b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert {model: answer.get("model_type") for model, answer in answers.items()} == \
+        {"seedvr2_3b": "seedvr2_3b", "seedvr2_7b": "seedvr2_7b"}
+    assert all(answer["success"] for answer in answers.values())
+
+
+def test_switching_models_frees_the_old_one(tiny_env):
+    assert "error" not in run({"action": "initialize", "model_type": "seedvr2_3b"})
+    old_dit = weakref.ref(actions.HOLDER.current.pipeline.dit)
+    assert "error" not in run({"action": "initialize", "model_type": "seedvr2_7b"})
+    gc.collect()
+    assert old_dit() is None
+    assert actions.HOLDER.describe()["model_type"] == "seedvr2_7b"
+
+
+def test_runpod_debug_turns_on_verbose_logging():
+    probe = "import logging, handler; print(logging.getLogger().getEffectiveLevel())"
+    levels = {}
+    for value in ("1", "0"):
+        env = {"RUNPOD_DEBUG": value, "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+        out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        levels[value] = int(out.stdout.strip().splitlines()[-1])
+    assert levels == {"1": 10, "0": 20}
