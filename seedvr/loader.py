@@ -51,14 +51,20 @@ def load_config(model_type: str):
     return OmegaConf.load(path)
 
 
+def prefer_converted(checkpoint: Path) -> Path:
+    """The bf16 .safetensors that `python -m seedvr.weights convert` writes next to a .pth, when it exists."""
+    converted = checkpoint.with_suffix(".safetensors")
+    return converted if converted.is_file() else checkpoint
+
+
 def model_files(config, variant: str) -> ModelFiles:
     checkpoints = config.dit.checkpoints
     if variant not in checkpoints:
         raise CheckpointError(f"variant {variant!r} has no checkpoint in this config (available: {', '.join(checkpoints)})")
     ckpt, emb = paths.ckpt_dir(), paths.embeddings_dir()
     return ModelFiles(
-        dit=ckpt / checkpoints[variant],
-        vae=ckpt / config.vae.checkpoint,
+        dit=prefer_converted(ckpt / checkpoints[variant]),
+        vae=prefer_converted(ckpt / config.vae.checkpoint),
         positive_embedding=emb / config.text_embeddings.positive,
         negative_embedding=emb / config.text_embeddings.negative,
     )
@@ -139,9 +145,12 @@ def load_model(model_type: str, variant: str = "normal", *, device: torch.device
     dit.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
 
-    dit.to(device=device, dtype=torch.float32)
-    if dtype != torch.float32:
+    # Cast on the CPU, then move: the GPU never holds an fp32 copy of the DiT (13.6 GB for 3B, 33 GB for 7B).
+    if dtype == torch.float32:
+        dit.to(dtype=torch.float32)  # a converted bf16 .safetensors on a CPU worker
+    else:
         dit.to_compute_dtype(dtype)
+    dit.to(device)
     dit.attention_backend = attention_backend
     vae.to(device=device, dtype=dtype)
 
