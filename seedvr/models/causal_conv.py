@@ -44,6 +44,17 @@ class TemporalCache:
     def put(self, layer: nn.Module, frames: Tensor) -> None:
         self._tails[layer] = frames
 
+    def extend(self, layer: "CausalConv3d", x: Tensor) -> Tensor:
+        """x (B, C, T, H, W) -> the frames `layer` convolves: x after the causal head (the first chunk) or
+        after the previous chunk's tail; keeps this chunk's unconsumed tail for the next one."""
+        head = layer.first_frame_padding(x) if self.is_first_chunk else self.pop(layer)
+        if head is not None:
+            x = torch.cat([head, x], dim=2)
+        tail = layer.unconsumed_frames(x.size(2))
+        if tail:  # clone: a view would keep the whole chunk alive
+            self.put(layer, x[:, :, x.size(2) - tail :].clone())
+        return x
+
 
 class CausalConv3d(nn.Conv3d):
     """Conv3d, causal in time (first-frame replication), zero-padded in space.
@@ -67,21 +78,23 @@ class CausalConv3d(nn.Conv3d):
         return self._convolve(x)
 
     def _extend_time(self, x: Tensor, cache: TemporalCache | None) -> Tensor:
-        head = None
-        if cache is None or cache.is_first_chunk:
-            if self.time_padding > 0:
-                head = x[:, :, :1].expand(-1, -1, 2 * self.time_padding, -1, -1)
-        else:
-            head = cache.pop(self)
-        if head is not None:
-            x = torch.cat([head, x], dim=2)
-
         if cache is not None:
-            kt, st = self.kernel_size[0], self.stride[0]
-            windows = (x.size(2) - kt) // st + 1 if x.size(2) >= kt else 0
-            if windows * st < x.size(2):  # clone: a view would keep the whole chunk alive
-                cache.put(self, x[:, :, windows * st :].clone())
-        return x
+            return cache.extend(self, x)
+        head = self.first_frame_padding(x)
+        return x if head is None else torch.cat([head, x], dim=2)
+
+    def first_frame_padding(self, x: Tensor) -> Tensor | None:
+        """The 2·pt copies of x's first frame that a clip starts with (None without temporal padding)."""
+        if self.time_padding == 0:
+            return None
+        return x[:, :, :1].expand(-1, -1, 2 * self.time_padding, -1, -1)
+
+    def unconsumed_frames(self, frames: int) -> int:
+        """Trailing frames of a time-extended input of `frames` frames, from where the first window that does
+        not fit would start: what the next chunk of the clip must be prefixed with."""
+        kt, st = self.kernel_size[0], self.stride[0]
+        windows = (frames - kt) // st + 1 if frames >= kt else 0
+        return frames - windows * st
 
     def _convolve(self, x: Tensor) -> Tensor:
         ph, pw = self.space_padding

@@ -1,6 +1,7 @@
 """The joint video/text window-attention block ("mmdit_sr") of both DiTs (SEEDVR2_SPEC 2.5, 2.8)."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -10,17 +11,25 @@ from seedvr.models.dit_layers import MLP_TYPES, MM, AdaSingle, RMSNorm, modulate
 from seedvr.models.rope import RopePositions
 from seedvr.models.window import WindowPacking
 
+if TYPE_CHECKING:
+    from seedvr.parallel import TokenShard
+
 WindowKind = tuple[str, tuple[int, int, int]]  # (window_method, num_windows)
 
 
 @dataclass
 class BlockContext:
-    """What every block of one forward call shares; windows are built once per window kind."""
+    """What every block of one forward call shares; windows are built once per window kind.
+
+    Under sequence parallelism the blocks hold only this rank's rows of each stream: the lengths are then
+    the per-sample row counts of those rows, and `shards` says how the (video, text) streams are split.
+    """
 
     vid_lengths: list[int]  # patch tokens per sample
     txt_lengths: list[int]  # text tokens per sample
     windows: dict[WindowKind, tuple[WindowPacking, RopePositions]]
     attention_backend: str
+    shards: "tuple[TokenShard, TokenShard] | None" = None
 
 
 class WindowAttention(nn.Module):
@@ -41,11 +50,17 @@ class WindowAttention(nn.Module):
         self.rope = rope
 
     def forward(self, vid: torch.Tensor, txt: torch.Tensor, packing: WindowPacking, positions: RopePositions,
-                backend: str, need_txt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                backend: str, need_txt: bool = True,
+                shards: "tuple[TokenShard, TokenShard] | None" = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # [L, D] -> [L, 3, H, d]: features laid out (3, heads, head_dim)
         vid_qkv = self.proj_qkv.for_vid(vid).unflatten(-1, (3, self.heads, self.head_dim))
         txt_qkv = self.proj_qkv.for_txt(txt).unflatten(-1, (3, self.heads, self.head_dim))
+        if shards is not None:  # this rank's rows, all heads -> all rows, this rank's heads
+            vid_qkv, txt_qkv = shards[0].gather_rows(vid_qkv), shards[1].gather_rows(txt_qkv)
         vid_out, txt_out = self.attend(vid_qkv, txt_qkv, packing, positions, backend, need_txt)
+        if shards is not None:  # all rows, this rank's heads -> this rank's rows, all heads
+            vid_out = shards[0].scatter_rows(vid_out)
+            txt_out = shards[1].scatter_rows(txt_out) if need_txt else None
         vid_out = self.proj_out.for_vid(vid_out.flatten(1))
         txt_out = self.proj_out.for_txt(txt_out.flatten(1)) if need_txt else None
         return vid_out, txt_out
@@ -99,7 +114,7 @@ class MMWindowBlock(nn.Module):
             txt_attn = self.ada.for_txt.modulation(emb, "attn")
             attn_txt = modulate_in(attn_txt, txt_attn, ctx.txt_lengths)
         attn_vid, attn_txt = self.attn(attn_vid, attn_txt, packing, positions, ctx.attention_backend,
-                                       need_txt=self.txt_output)
+                                       need_txt=self.txt_output, shards=ctx.shards)
         vid = vid + modulate_out(attn_vid, vid_attn, ctx.vid_lengths)
 
         # 2. MLP

@@ -149,8 +149,11 @@ class PatchOut(nn.Module):
         self.proj = nn.Linear(dim, out_channels * math.prod(patch_size))
 
     def forward(self, vid: torch.Tensor, shapes: list[tuple[int, int, int]]) -> torch.Tensor:
+        return self.unpatchify(self.proj(vid), shapes)
+
+    def unpatchify(self, vid: torch.Tensor, shapes: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Projected patch tokens [sum L, pt*ph*pw*C_out] -> packed latent tokens [sum T*H*W, C_out]."""
         pt, ph, pw = self.patch_size
-        vid = self.proj(vid)
         pixels = []
         for (t, h, w), x in zip(shapes, vid.split([math.prod(s) // math.prod(self.patch_size) for s in shapes])):
             x = x.view(t // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 3, 1, 4, 2, 5, 6)
