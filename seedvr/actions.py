@@ -8,17 +8,19 @@ directory, removed on every path.
 """
 
 import gc
+import itertools
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from seedvr import loader, preprocess
+from seedvr import chunking, loader, memory_plan, preprocess
 from seedvr.delivery import Delivered
 from seedvr.errors import INVALID_INPUT, OUT_OF_MEMORY, RestoreError
 from seedvr.inputs import InputItem, gather_inputs
@@ -68,20 +70,21 @@ def health(request, job) -> dict:
     }
 
 
-def _check_model_options(request) -> None:
+def check_model_options(request) -> None:
     """What the schema cannot know: what this machine can run."""
     try:
         resolve_backend(request.attention_backend)
     except ValueError as error:
         raise RestoreError(INVALID_INPUT, f"attention_backend: {error}") from None
-    if request.sp_size > 1:
-        raise RestoreError(INVALID_INPUT, f"sp_size {request.sp_size} asks for sequence parallelism, which this "
-                                          f"worker build does not run yet; send sp_size 1")
+    gpus = torch.cuda.device_count()
+    if request.sp_size > 1 and torch.cuda.is_available() and gpus < request.sp_size:
+        raise RestoreError(INVALID_INPUT, f"sp_size {request.sp_size} needs {request.sp_size} GPUs; this worker "
+                                          f"sees {gpus}: send sp_size {gpus} or less (a divisor of the heads)")
 
 
 def initialize(request, job) -> dict:
-    _check_model_options(request)
-    model = HOLDER.ensure(request.model_type, request.model_variant, request.attention_backend)
+    check_model_options(request)
+    model = HOLDER.ensure(request.model_type, request.model_variant, request.attention_backend, request.sp_size)
     answer = {
         "message": f"Model {model.model_type} ({model.variant}) initialized successfully",
         "model_type": model.model_type,
@@ -123,57 +126,131 @@ class ItemResult:
     info: dict = field(default_factory=dict)
 
 
-def _read_frames(item: InputItem) -> np.ndarray:
-    """uint8 (T, H, W, 3): the image, or the video's frames decoded into one preallocated array."""
-    if item.kind == "image":
-        return item.image.rgb[None]
-    frames = np.empty((item.frame_count, item.height, item.width, 3), dtype=np.uint8)
-    for index, frame in enumerate(iter_frames(item.path, item.video, field=item.field)):
-        frames[index] = frame
-    return frames
+def _source(item: InputItem, timings: dict, keep_index: int, kept: list) -> Iterator[np.ndarray]:
+    """The item's frames, decoded as they are asked for (the time it takes goes to timings["decode"]);
+    a copy of frame `keep_index` is appended to `kept`."""
+    frames = iter([item.image.rgb]) if item.kind == "image" else iter_frames(item.path, item.video, field=item.field)
+    try:
+        for index in itertools.count():
+            started = time.perf_counter()
+            frame = next(frames, None)
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
+            if frame is None:
+                return
+            if index == keep_index:
+                kept.append(frame.copy())
+            yield frame
+    finally:
+        if hasattr(frames, "close"):
+            frames.close()  # stops the decoder when a failed attempt leaves early
 
 
-def _encode(request, item: InputItem, restored: np.ndarray, workdir: Path):
+def _run_plan(model, request, item: InputItem, plan: memory_plan.MemoryPlan, guess: memory_plan.Estimate,
+              resolution: tuple[int, int], workdir: Path, progress: Progress, timings: dict):
+    """Restore and encode one item under `plan`, frames streaming from the decoder through the model into
+    the encoder. Returns (output file, comparison file or None)."""
+    model.pipeline.apply_plan(plan)
+    out_h, out_w = preprocess.output_size(item.height, item.width, *resolution)
+    middle, before, after = item.frame_count // 2, [], None
+    encoding = False  # whether the "encode" phase was reported since the model's last phase
+
+    def on_phase(name: str) -> None:
+        nonlocal encoding
+        progress.phase(name)
+        encoding = False
+        memory_plan.check_simulated(guess, name)
+
+    progress.phase("decode")
+
+    restored = chunking.restore_clip(
+        model.pipeline, _source(item, timings, middle, before), item.frame_count, chunk_frames=plan.chunk_frames,
+        overlap=plan.chunk_overlap, res_h=resolution[0], res_w=resolution[1], seed=request.seed,
+        cfg_scale=request.cfg_scale, cfg_rescale=request.cfg_rescale, sample_steps=request.sample_steps,
+        color_fix=request.color_fix, timings=timings, on_phase=on_phase,
+        on_chunk=lambda index, chunk: memory_plan.trim_host_memory())
     if item.kind == "image":
-        return write_restored_image(request, item, restored[0], workdir)
-    writer, output = video_writer(request, item, workdir, restored.shape[2], restored.shape[1])
-    with writer:
-        for frame in restored:
-            writer.write(frame)
-    return output
+        (after,) = restored
+        progress.phase("encode")
+        started = time.perf_counter()
+        output = write_restored_image(request, item, after, workdir)
+        timings["encode"] = time.perf_counter() - started
+        progress.advance(1)
+    else:
+        writer, output = video_writer(request, item, workdir, out_w, out_h)
+        with writer:
+            for index, frame in enumerate(restored):
+                if not encoding:
+                    progress.phase("encode")
+                    encoding = True
+                started = time.perf_counter()
+                writer.write(frame)
+                if index == middle:
+                    after = frame.copy()
+                timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
+                progress.advance(1)
+            started = time.perf_counter()
+        timings["encode"] += time.perf_counter() - started  # flushing the encoder, muxing the audio
+    comparison = write_comparison(before[0], after, item.index, workdir) if request.compare else None
+    return output, comparison
+
+
+def _out_of_memory(run) -> tuple[object, str | None]:
+    """(run(), None), or (None, the first line of the error) after a CUDA out-of-memory error. Only the text
+    leaves: the exception and its traceback, which hold the failed attempt's tensors, die here."""
+    try:
+        return run(), None
+    except torch.OutOfMemoryError as error:
+        return None, str(error).strip().splitlines()[0][:300]
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _restore_item(model, request, item: InputItem, workdir: Path, progress: Progress, job_id: str) -> ItemResult:
+    """Plan, restore with retries on CUDA out-of-memory (each with a smaller plan), deliver."""
     timings = {}
-    started = time.perf_counter()
-    progress.phase("decode")
-    frames = _read_frames(item)
-    timings["decode"] = time.perf_counter() - started
-    res_h, res_w = target_resolution(request, item.height, item.width)
-    restored = model.pipeline.restore(
-        torch.from_numpy(frames), res_h=res_h, res_w=res_w, seed=request.seed, cfg_scale=request.cfg_scale,
-        cfg_rescale=request.cfg_rescale, sample_steps=request.sample_steps, color_fix=request.color_fix,
-        timings=timings, on_phase=progress.phase).numpy()
-    progress.advance(item.frame_count)
-
-    progress.phase("encode")
-    encode_started = time.perf_counter()
-    output = _encode(request, item, restored, workdir)
-    middle = len(restored) // 2
-    comparison = write_comparison(frames[middle], restored[middle], item.index, workdir) if request.compare else None
-    timings["encode"] = time.perf_counter() - encode_started
-    del frames
+    resolution = target_resolution(request, item.height, item.width)
+    out_h, out_w = preprocess.output_size(item.height, item.width, *resolution)
+    clip = (item.frame_count, (item.height, item.width), (out_h, out_w))
+    footprint = memory_plan.Footprint.of(model.pipeline)
+    wishes = memory_plan.Wishes.of(request)
+    budget = memory_plan.available_memory(model.pipeline)
+    plan, guess = memory_plan.choose(footprint, budget, *clip, wishes)
+    retries, frames_before = [], progress.frames_done
+    while True:
+        files, failure = _out_of_memory(
+            lambda: _run_plan(model, request, item, plan, guess, resolution, workdir, progress, timings))
+        if failure is None:
+            break
+        _free_device_memory()  # the failed attempt's tensors are unreachable now
+        log.warning("out of memory with plan %s: %s", plan, failure)
+        retries.append({"plan": plan.describe(), "estimated_peak_bytes": guess.peak, "error": failure})
+        progress.frames_done = frames_before  # the item starts over
+        budget = memory_plan.available_memory(model.pipeline)
+        retry = memory_plan.smaller(guess, footprint, budget, *clip, wishes)
+        if retry is None or len(retries) > memory_plan.MAX_RETRIES:
+            raise RestoreError(OUT_OF_MEMORY, memory_plan.out_of_memory_message(
+                footprint, budget, guess, *clip, wishes, on_gpu=model.pipeline.device.type == "cuda"))
+        plan, guess = retry
+    output, comparison = files
 
     progress.phase("deliver")
     deliver_started = time.perf_counter()
     delivered = deliver_output(request, output, job_id)
     compared = deliver_output(request, comparison, job_id) if comparison else None
     timings["deliver"] = time.perf_counter() - deliver_started
+    chunks = len(chunking.plan_chunks(item.frame_count, plan.chunk_frames, plan.chunk_overlap))
     info = {"input_resolution": f"{item.width}x{item.height}", "frames": item.frame_count,
+            "plan": {**plan.describe(), "chunks": chunks, "estimated_peak_bytes": guess.peak,
+                     "memory_budget_bytes": budget, "fits": guess.peak <= budget},
+            "retries": retries,
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()}}
     if item.fps is not None:
         info["fps"] = str(item.fps)
-    return ItemResult(item.kind, restored.shape[2], restored.shape[1], delivered, compared, info)
+    return ItemResult(item.kind, out_w, out_h, delivered, compared, info)
 
 
 def _answer(request, model, results: list[ItemResult], total_s: float) -> dict:
@@ -217,7 +294,7 @@ def _answer(request, model, results: list[ItemResult], total_s: float) -> dict:
 
 
 def restore(request, job) -> dict:
-    _check_model_options(request)
+    check_model_options(request)
     started = time.perf_counter()
     job_id = str(job.get("id", "local"))
     with tempfile.TemporaryDirectory(prefix="seedvr-job-") as tmp:
@@ -227,13 +304,17 @@ def restore(request, job) -> dict:
             target_resolution(request, item.height, item.width)
         progress = Progress(sum(item.frame_count for item in items), runpod_sink(job))
         progress.phase("load_model")
-        try:
-            with HOLDER.use(request.model_type, request.model_variant, request.attention_backend) as model:
-                results = [_restore_item(model, request, item, workdir, progress, job_id) for item in items]
-        except torch.OutOfMemoryError as error:
-            log.warning("CUDA out of memory: %s", error)
-            gc.collect()
-            torch.cuda.empty_cache()
+
+        def run_items():
+            with HOLDER.use(request.model_type, request.model_variant, request.attention_backend,
+                            request.sp_size) as model:
+                return model, [_restore_item(model, request, item, workdir, progress, job_id) for item in items]
+
+        done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
+        if failure is not None:
+            _free_device_memory()
+            log.warning("CUDA out of memory outside the memory plan: %s", failure)
             raise RestoreError(OUT_OF_MEMORY, "the GPU ran out of memory for this input; lower res_h/res_w, send "
-                                              "a shorter clip or use seedvr2_3b") from None
+                                              "a shorter clip or use seedvr2_3b")
+        model, results = done
     return _answer(request, model, results, time.perf_counter() - started)

@@ -123,7 +123,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     random_weights: bool
-    pipeline: SeedVR2
+    pipeline: SeedVR2  # or a seedvr.parallel.SequenceParallelGroup, which restores the same way
+    sp_size: int = 1
 
 
 def load_model(model_type: str, variant: str = "normal", *, device: torch.device | None = None,

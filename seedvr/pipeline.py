@@ -21,6 +21,9 @@ import torch
 from seedvr import diffusion
 from seedvr.colorfix import METHODS as COLOR_FIX_METHODS
 from seedvr.colorfix import color_fix as apply_color_fix
+from seedvr.memory_plan import MemoryPlan, tile_overlap
+from seedvr.models.block_offload import BlockOffload
+from seedvr.models.vae_tiling import SpatialTiling
 from seedvr.preprocess import pad_frames, preprocess, to_uint8
 
 POSTPROCESS_CHUNK = 8  # frames colour-fixed and quantised at a time (bounds the temporary memory)
@@ -46,6 +49,19 @@ class SeedVR2:
         self.neg_emb = neg_emb.to(self.device, torch.float32)
         self.scaling_factor = scaling_factor
         self.shifting_factor = shifting_factor
+
+    def apply_plan(self, plan: MemoryPlan) -> None:
+        """Set the models up as a memory plan says (seedvr.memory_plan): the VAE's exact temporal slicing and
+        conv splitting, its opt-in spatial tiles, DiT block offload. Chunking is the caller's (seedvr.chunking)."""
+        self.vae.temporal_chunk = plan.vae_temporal_chunk
+        self.vae.conv_max_bytes = plan.vae_conv_max_bytes
+        self.vae.tiling = None if plan.vae_tile is None else SpatialTiling(plan.vae_tile, tile_overlap(plan.vae_tile))
+        offload = self.dit.block_offload
+        if plan.dit_offload and offload is None:
+            self.dit.block_offload = BlockOffload(self.dit.blocks, self.device)
+        elif not plan.dit_offload and offload is not None:
+            offload.close()
+            self.dit.block_offload = None
 
     @torch.inference_mode()
     def restore(self, frames, *, res_h=1280, res_w=720, seed=666, cfg_scale=1.0, cfg_rescale=0.0, sample_steps=1,

@@ -42,6 +42,8 @@ DEFAULT_RESOLUTION = (1280, 720)  # res_h, res_w of the contract (an area: 921,6
 DELIVERIES = ("auto", "base64", "url")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 MIN_SIDE, MAX_SIDE = 16, 8192  # bounds of res_h and res_w, in pixels
+MAX_CHUNK_FRAMES = 10_001  # bound of chunk_frames and chunk_overlap
+TILE_MULTIPLE = 16  # vae_tile_size must divide by it
 DEFAULT_MAX_OUTPUT_AREA = 3840 * 2160  # 4K UHD; the env SEEDVR_MAX_OUTPUT_AREA overrides it
 MAX_PROBLEMS_SHOWN = 4  # keeps the error message short when a request is wrong everywhere
 MAX_NAMES_SHOWN = 3  # unknown field names quoted in one message
@@ -261,6 +263,29 @@ def container_holds_codec(codec: str, container: str | None) -> str | None:
     return None
 
 
+def chunk_frames_are_4n_plus_1(chunk_frames: int | None) -> str | None:
+    if chunk_frames is None or chunk_frames % 4 == 1:
+        return None
+    lower = chunk_frames - (chunk_frames - 1) % 4
+    return f"chunk_frames must be 4n+1 (5, 9, 13, ...), got {chunk_frames}: use {max(lower, 5)} or {lower + 4}"
+
+
+def overlap_shorter_than_chunk(chunk_frames: int | None, chunk_overlap: int | None) -> str | None:
+    if chunk_frames is None or chunk_overlap is None or chunk_overlap < chunk_frames:
+        return None
+    return f"chunk_overlap must be less than chunk_frames ({chunk_frames}), got {chunk_overlap}"
+
+
+def tile_size_fits_tiling(vae_tiling: bool | None, vae_tile_size: int | None) -> str | None:
+    if vae_tile_size is None:
+        return None
+    if vae_tiling is False:
+        return "vae_tile_size asks for tiles but vae_tiling is false: drop one of them"
+    if vae_tile_size % TILE_MULTIPLE:
+        return f"vae_tile_size must be a multiple of {TILE_MULTIPLE}, got {vae_tile_size}"
+    return None
+
+
 # The requests: one frozen dataclass per action; its fields are the table.
 @dataclass(frozen=True)
 class HealthRequest:
@@ -296,7 +321,8 @@ class RestoreRequest(ModelOptions):
     action: ClassVar[str] = "restore"
     rules: ClassVar[tuple[Callable, ...]] = ModelOptions.rules + (
         one_media_field, legacy_field_agrees_with_media_type, scale_or_resolution, output_area_within_cap,
-        crf_in_codec_range, container_holds_codec)
+        crf_in_codec_range, container_holds_codec, chunk_frames_are_4n_plus_1, overlap_shorter_than_chunk,
+        tile_size_fits_tiling)
 
     # Input. Media payloads can be hundreds of MB: they stay out of repr() and thus out of logs.
     media: tuple[str, ...] | None = option(
@@ -339,6 +365,24 @@ class RestoreRequest(ModelOptions):
     container: str | None = option(None, Choice(tuple(CONTAINERS)), "video container; null = mp4 (webm for vp9)")
     format: str = option("png", Choice(IMAGE_FORMATS), "image output format")
     quality: int = option(95, Integer(1, 100), "jpeg/webp quality")
+    # Memory and long clips; null = the worker's memory plan chooses (processing_info.plan says what it chose)
+    chunk_frames: int | None = option(
+        None, Integer(5, MAX_CHUNK_FRAMES), "frames per temporal chunk, 4n+1; a clip longer than this is restored "
+                                            "in overlapping chunks, cross-faded; null = the whole clip in one pass "
+                                            "(official) up to 121 frames (SEEDVR_MAX_CHUNK_FRAMES) while it fits, "
+                                            "else the longest chunk that fits")
+    chunk_overlap: int | None = option(
+        None, Integer(0, MAX_CHUNK_FRAMES - 1), "frames shared by neighbouring chunks, cross-faded; less than "
+                                                "chunk_frames; null = about a quarter of the chunk, at most 9")
+    vae_tiling: bool | None = option(
+        None, Boolean(), "VAE in overlapping spatial tiles (approximate: seams can show on detailed content); "
+                         "null = only when a frame does not fit otherwise, false = never")
+    vae_tile_size: int | None = option(
+        None, Integer(64, MAX_SIDE), f"VAE tile side in output pixels, a multiple of {TILE_MULTIPLE}; implies "
+                                     "vae_tiling; null = 512, then 256")
+    dit_offload: bool | None = option(
+        None, Boolean(), "keep the DiT blocks in host memory, each moved to the GPU in turn (exact, a little "
+                         "slower); null = only when needed")
 
     def __post_init__(self):  # the dataclass is frozen: resolved values are set with object.__setattr__
         implied = self.media_field if self.media_field in ("video", "image") else None

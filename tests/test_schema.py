@@ -25,6 +25,9 @@ DELIVERY_OPTIONS = {
     "return_data_uri": False, "compare": False, "codec": "h264", "crf": None, "pix_fmt": "yuv420p", "container": None,
     "format": "png", "quality": 95,
 }
+# issue 4's memory options (null: the memory plan chooses)
+MEMORY_OPTIONS = {"chunk_frames": None, "chunk_overlap": None, "vae_tiling": None, "vae_tile_size": None,
+                  "dit_offload": None}
 CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": "normal", "sp_size": 1, "attention_backend": "auto"}
 SP_SIZES = {"seedvr2_3b": {1, 2, 4, 5, 10, 20}, "seedvr2_7b": {1, 2, 3, 4, 6, 8, 12, 24}}
 # (field, lowest accepted, highest accepted, just below, just above)
@@ -312,7 +315,7 @@ def test_a_request_wrong_everywhere_gives_a_bounded_message():
 
 def test_repr_keeps_the_media_out_of_logs():
     request = parse_request({"action": "restore", "video": MEGABYTE})
-    assert "AAAA" not in repr(request) and len(repr(request)) < 500
+    assert "AAAA" not in repr(request) and len(repr(request)) < 1000  # every option, no media
 
 
 def test_requests_are_frozen():
@@ -337,7 +340,8 @@ def test_table_lists_exactly_the_contract_fields():
     names = {action: {field.name for field in table} for action, table in schema.TABLE.items()}
     assert names["health"] == {"action"}
     assert names["initialize"] == {"action", *CONTRACT_INITIALIZE_DEFAULTS}
-    assert names["restore"] == {"action", "media", "video", "image", *CONTRACT_RESTORE_DEFAULTS, *DELIVERY_OPTIONS}
+    assert names["restore"] == {"action", "media", "video", "image", *CONTRACT_RESTORE_DEFAULTS, *DELIVERY_OPTIONS,
+                                *MEMORY_OPTIONS}
 
 
 def test_describe_lists_every_field_with_its_default():
@@ -353,14 +357,14 @@ def test_describe_lists_every_field_with_its_default():
 
 def test_a_new_table_row_is_parsed_without_touching_the_parser(monkeypatch):
     @dataclasses.dataclass(frozen=True)
-    class WithChunks(RestoreRequest):
-        chunk_frames: int = schema.option(0, schema.Integer(0, 1000), "frames per chunk; 0 = whole video")
+    class WithWarmup(RestoreRequest):
+        warmup_frames: int = schema.option(0, schema.Integer(0, 1000), "frames run before the clip; 0 = none")
 
-    monkeypatch.setitem(schema.REQUEST_TYPES, "restore", WithChunks)
-    monkeypatch.setitem(schema.TABLE, "restore", schema._table_of(WithChunks))
-    assert parse_request(restore(chunk_frames=33)).chunk_frames == 33
-    assert parse_request(restore()).chunk_frames == 0
-    assert rejection(restore(chunk_frames=-1)) == "chunk_frames must be an integer between 0 and 1000, got -1"
+    monkeypatch.setitem(schema.REQUEST_TYPES, "restore", WithWarmup)
+    monkeypatch.setitem(schema.TABLE, "restore", schema._table_of(WithWarmup))
+    assert parse_request(restore(warmup_frames=33)).warmup_frames == 33
+    assert parse_request(restore()).warmup_frames == 0
+    assert rejection(restore(warmup_frames=-1)) == "warmup_frames must be an integer between 0 and 1000, got -1"
 
 
 @pytest.mark.parametrize("model_type", ["seedvr2_3b", "seedvr2_7b"])

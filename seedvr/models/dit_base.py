@@ -1,8 +1,10 @@
 """What NaDiT3B and NaDiT7B share: checks of the official constructor kwargs, the forward skeleton and
 the switch to a lower compute precision."""
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +13,9 @@ from seedvr.models.attention import resolve_backend
 from seedvr.models.dit_block import BlockContext
 from seedvr.models.rope import RopePositions
 from seedvr.models.window import WindowPacking, check_window_method, pack_windows
+
+if TYPE_CHECKING:
+    from seedvr.parallel import SequenceParallel
 
 
 def check_choice(name: str, value, allowed: Sequence) -> None:
@@ -65,6 +70,7 @@ class NaDiTBase(nn.Module):
     def __init__(self):
         super().__init__()
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flash"
+        self.block_offload = None  # a seedvr.models.block_offload.BlockOffload: blocks visit the device in turn
 
     def rope_positions(self, packing: WindowPacking, vid_lengths: list[int]) -> RopePositions:
         raise NotImplementedError
@@ -89,10 +95,18 @@ class NaDiTBase(nn.Module):
         return self
 
     def forward(self, vid: torch.Tensor, txt: torch.Tensor, vid_shape: torch.Tensor, txt_shape: torch.Tensor,
-                timestep: torch.Tensor) -> torch.Tensor:
+                timestep: torch.Tensor, sp: "SequenceParallel | None" = None) -> torch.Tensor:
         """vid [sum T*H*W, C_in] packed latents, txt [sum l, txt_in_dim], vid_shape [B, 3] (T, H, W),
-        txt_shape [B, 1], timestep [B] -> vid_sample [sum T*H*W, C_out] in the compute dtype."""
+        txt_shape [B, 1], timestep [B] -> vid_sample [sum T*H*W, C_out] in the compute dtype.
+
+        sp: split the tokens over this process's sequence-parallel group (seedvr.parallel, SEEDVR2_SPEC 5);
+        every rank passes the whole input and receives the whole output.
+        """
         shapes, txt_lengths = self._check_inputs(vid, txt, vid_shape, txt_shape, timestep)
+        heads = self.blocks[0].attn.heads
+        if sp is not None and heads % sp.size:
+            raise ValueError(f"sequence parallelism over {sp.size} ranks needs a head count divisible by it; "
+                             f"this DiT has {heads} heads")
         pt, ph, pw = self.patch_size
         grids = [(t // pt, h // ph, w // pw) for t, h, w in shapes]
         dtype = self.compute_dtype
@@ -110,13 +124,23 @@ class NaDiTBase(nn.Module):
             packing = pack_windows(*kind, grids, txt_lengths, device=vid.device)
             windows[kind] = (packing, self.rope_positions(packing, vid_lengths))
         ctx = BlockContext(vid_lengths, txt_lengths, windows, self.attention_backend)
+        if sp is not None:  # from here on, this rank's rows of both streams (zero-padded to a multiple of sp)
+            shards = sp.shard_tokens(vid.shape[0]), sp.shard_tokens(txt.shape[0])
+            vid, txt = shards[0].local(vid), shards[1].local(txt)
+            ctx = dataclasses.replace(ctx, vid_lengths=shards[0].local_lengths(vid_lengths),
+                                      txt_lengths=shards[1].local_lengths(txt_lengths), shards=shards)
 
         # 3. Blocks
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            if self.block_offload is not None:
+                self.block_offload.load(index)
             vid, txt = block(vid, txt, emb, ctx)
 
         # 4. Output projection and un-patching
-        return self.vid_out(self.output_head(vid, emb, ctx), shapes)
+        vid = self.output_head(vid, emb, ctx)
+        if sp is None:
+            return self.vid_out(vid, shapes)
+        return self.vid_out.unpatchify(ctx.shards[0].all_gather(self.vid_out.proj(vid)), shapes)
 
     def _check_inputs(self, vid, txt, vid_shape, txt_shape, timestep):
         if vid_shape.dim() != 2 or vid_shape.shape[1] != 3 or vid_shape.shape[0] < 1:

@@ -11,12 +11,17 @@ Posterior sampling and latent scaling belong to the pipeline, not to this module
 """
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from seedvr.models.causal_conv import GIB, CausalConv3d, TemporalCache
 from seedvr.models.vae_blocks import Decoder3D, Encoder3D
+from seedvr.models.vae_tiling import SpatialTiling
+
+if TYPE_CHECKING:
+    from seedvr.parallel import SequenceParallel
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -87,6 +92,8 @@ class VideoAutoencoder(nn.Module):
         # decoding: this / temporal_downsample_factor). None: one pass over the
         # whole clip, fastest but its activation memory grows with the clip.
         self.temporal_chunk: int | None = slicing_sample_min_size
+        # Opt-in spatial tiles (approximate, seedvr.models.vae_tiling); None: whole frames (exact).
+        self.tiling: SpatialTiling | None = None
 
         blocks = dict(
             block_out_channels=list(block_out_channels),
@@ -112,8 +119,12 @@ class VideoAutoencoder(nn.Module):
             if isinstance(module, CausalConv3d):
                 module.max_input_bytes = value
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Video (B, C, T, H, W), T = 4k + 1 -> mean, logvar (B, 16, k + 1, H/8, W/8), logvar clamped."""
+    def encode(self, x: Tensor, sp: "SequenceParallel | None" = None) -> tuple[Tensor, Tensor]:
+        """Video (B, C, T, H, W), T = 4k + 1 -> mean, logvar (B, 16, k + 1, H/8, W/8), logvar clamped.
+
+        sp: run context parallel over this process's sequence-parallel group (seedvr.parallel); every
+        rank passes the whole clip and receives the whole result.
+        """
         if x.ndim != 5:
             raise ValueError(f"encode expects a (B, C, T, H, W) video, got shape {tuple(x.shape)}")
         frames, height, width = x.shape[2:]
@@ -127,12 +138,16 @@ class VideoAutoencoder(nn.Module):
             h = self.encoder(chunk, cache)
             return h if self.quant_conv is None else self.quant_conv(h, cache)
 
-        h = _run_chunked(encode_chunk, x.to(self.dtype), self._temporal_chunk())
+        def encode_frames(video: Tensor) -> Tensor:
+            return _run_chunked(encode_chunk, video, self._temporal_chunk(), unit=tdf, sp=sp)
+
+        video = x.to(self.dtype)
+        h = encode_frames(video) if self.tiling is None else self.tiling.encode(encode_frames, video, sdf)
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Latent (B, 16, T', h, w) -> video (B, 3, 4(T' - 1) + 1, 8h, 8w)."""
+    def decode(self, z: Tensor, sp: "SequenceParallel | None" = None) -> Tensor:
+        """Latent (B, 16, T', h, w) -> video (B, 3, 4(T' - 1) + 1, 8h, 8w). sp: as for `encode`."""
         if z.ndim != 5:
             raise ValueError(f"decode expects a (B, C, T', h, w) latent, got shape {tuple(z.shape)}")
 
@@ -143,7 +158,14 @@ class VideoAutoencoder(nn.Module):
 
         chunk = self._temporal_chunk()
         latent_chunk = None if chunk is None else chunk // self.temporal_downsample_factor
-        return _run_chunked(decode_chunk, z.to(self.dtype), latent_chunk)
+
+        def decode_frames(latent: Tensor) -> Tensor:
+            return _run_chunked(decode_chunk, latent, latent_chunk, unit=1, sp=sp)
+
+        z = z.to(self.dtype)
+        if self.tiling is None:
+            return decode_frames(z)
+        return self.tiling.decode(decode_frames, z, self.spatial_downsample_factor)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -156,8 +178,14 @@ class VideoAutoencoder(nn.Module):
         return chunk
 
 
-def _run_chunked(run, x: Tensor, chunk: int | None) -> Tensor:
-    """run(x) over time chunks [0, 1 + chunk), then `chunk` frames at a time, carrying causal state."""
+def _run_chunked(run, x: Tensor, chunk: int | None, unit: int, sp=None) -> Tensor:
+    """run(x) over time chunks [0, 1 + chunk), then `chunk` frames at a time, carrying causal state.
+
+    unit: the frames one latent frame stands for (chunks after the first are multiples of it).
+    sp: hand the chunks to the ranks of a sequence-parallel group instead (same result).
+    """
+    if sp is not None:
+        return sp.run_temporal(run, x, chunk, unit)
     frames = x.size(2)
     if chunk is None or frames - 1 <= chunk:
         return run(x, None)

@@ -81,6 +81,7 @@ class SequenceParallelGroup:
         self._closed = False
         self._job_ids = itertools.count(1)
         self.model_info: dict = {}  # rank 0's {device, dtype, random_weights} and every rank's device
+        self._measurement = None  # (Footprint, resident weight bytes), measured on first use
         _LIVE_GROUPS.add(self)
         self._start()
 
@@ -105,6 +106,21 @@ class SequenceParallelGroup:
         fn must be importable by name (a module-level function). For diagnostics and tests.
         """
         return self._job("call", (fn, args))
+
+    @property
+    def footprint(self):
+        """The memory plan's view of the model (seedvr.memory_plan.Footprint), measured once on rank 0."""
+        return self._measured()[0]
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        """Bytes of weights one rank holds on its device."""
+        return self._measured()[1]
+
+    def _measured(self):
+        if self._measurement is None:  # not in _start: a restart happens inside _job, which holds its lock
+            self._measurement = self.call(_measure_model)[0]
+        return self._measurement
 
     def set_attention_backend(self, name: str) -> None:
         self.call(_set_attention_backend, name)
@@ -170,6 +186,7 @@ class SequenceParallelGroup:
                  self.variant, self.device_kind)
         facts = self._collect(None, deadline=time.monotonic() + self.start_timeout_s)
         self.model_info = {**facts[0], "devices": [rank_facts["device"] for rank_facts in facts]}
+        self.device, self.dtype = torch.device(facts[0]["device"]), getattr(torch, facts[0]["dtype"])
 
     def _job(self, kind: str, body, on_phase=None) -> list:
         with self._job_lock:
@@ -277,6 +294,13 @@ def _report_phase(on_phase, name: str) -> None:
         on_phase(name)
     except Exception:  # progress reporting must not break the job
         log.warning("sequence parallel: on_phase(%r) failed", name, exc_info=True)
+
+
+def _measure_model(context):
+    from seedvr import memory_plan  # the rank side imports it; the driver only needs the result
+
+    pipeline = context.model.pipeline
+    return memory_plan.Footprint.of(pipeline), memory_plan.resident_bytes(pipeline)
 
 
 def _apply_plan(context, plan) -> None:

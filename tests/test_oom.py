@@ -1,0 +1,156 @@
+"""Surviving CUDA out-of-memory, on CPU: the memory plan's simulated device (SEEDVR_TEST_MEMORY_BUDGET_BYTES)
+raises a genuine torch.OutOfMemoryError when a phase's planned working set exceeds the budget; the real
+handler must retry with smaller plans, record them, answer OUT_OF_MEMORY with a size that fits when
+nothing does, and serve the next job with nothing of the failed one left alive."""
+
+import base64
+import gc
+import subprocess
+import sys
+import weakref
+from fractions import Fraction
+
+import pytest
+import torch
+
+from media_factory import pattern_frames, write_video
+from seedvr import actions, memory_plan
+from seedvr.media.video import probe_video
+from seedvr.memory_plan import Footprint, Wishes, candidates, estimate
+from worker_server import REPO_ROOT
+
+FRAMES, HEIGHT, WIDTH = 12, 48, 64
+SCALE = 1.3  # the simulated device needs 30% more than the plan estimated
+
+
+@pytest.fixture(scope="module")
+def handler(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "-m", "seedvr.tiny", str(root)], cwd=REPO_ROOT, check=True, capture_output=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEEDVR_CONFIG_DIR", str(root))
+        patch.setenv("SEEDVR_CKPT_DIR", str(root / "ckpts"))
+        patch.setenv("SEEDVR_EMBEDDINGS_DIR", str(root / "embeddings"))
+        patch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)
+        import handler as worker
+
+        yield worker.handler
+    actions.HOLDER._release()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media") / "clip.mp4"
+    write_video(path, pattern_frames(FRAMES, WIDTH, HEIGHT), Fraction(25))
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def restore(handler, clip, tmp_path, **fields):
+    answer = handler({"id": "oom-test", "input": {"action": "restore", "media": clip, **fields}})
+    if "error" in answer:
+        return answer, None
+    out = tmp_path / "out.mp4"
+    out.write_bytes(base64.b64decode(answer["media"][0]))
+    return answer, probe_video(out)
+
+
+def footprint() -> Footprint:
+    return Footprint.of(actions.HOLDER.current.pipeline)
+
+
+def smallest_peak(frames: int, size: tuple[int, int]) -> int:
+    return min(estimate(plan, footprint(), frames, (HEIGHT, WIDTH), size).peak
+               for plan in candidates(frames, size, Wishes()))
+
+
+def live_tensor_bytes() -> int:
+    gc.collect()
+    storages = {}
+    for thing in gc.get_objects():
+        if issubclass(type(thing), torch.Tensor) and not thing.is_meta:
+            storage = thing.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_a_failed_attempt_keeps_nothing_alive():
+    held = []
+
+    def attempt():
+        big = torch.ones(1 << 20)
+        held.append(weakref.ref(big))
+
+        def allocate(tensor):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+        allocate(big)
+
+    result, failure = actions._out_of_memory(attempt)
+    assert result is None and failure == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert held[0]() is None  # gone at once: no traceback, frame or exception keeps it
+
+
+def test_retries_with_smaller_plans_until_one_fits(handler, clip, tmp_path, monkeypatch):
+    answer, _ = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH)  # loads the model, no budget
+    assert answer["processing_info"]["retries"] == []
+    whole, guess = memory_plan.choose(footprint(), 10**15, FRAMES, (HEIGHT, WIDTH), (HEIGHT, WIDTH))
+    assert whole.chunk_frames is None
+    budget = guess.peak  # the plan believes the whole clip fits; the device needs 30% more
+    monkeypatch.setenv(memory_plan.TEST_BUDGET_ENV, str(budget))
+    monkeypatch.setenv(memory_plan.TEST_SCALE_ENV, str(SCALE))
+
+    answer, video = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH)
+    assert "error" not in answer, answer
+    info = answer["processing_info"]
+    retries = info["retries"]
+    assert retries and retries[0]["plan"] == whole.describe()
+    for retry in retries:  # each failed for a reason: its working set really exceeds the device
+        assert retry["estimated_peak_bytes"] * SCALE > budget
+        assert retry["error"].startswith("CUDA out of memory (simulated")
+    for earlier, later in zip(retries, retries[1:]):
+        assert later["estimated_peak_bytes"] <= memory_plan.RETRY_SHRINK * earlier["estimated_peak_bytes"]
+    assert info["plan"]["estimated_peak_bytes"] * SCALE <= budget
+    assert info["plan"]["memory_budget_bytes"] == budget
+    assert video.frame_count == FRAMES
+
+
+def test_out_of_memory_names_a_size_that_fits_and_the_next_job_succeeds(handler, clip, tmp_path, monkeypatch):
+    restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH)  # model loaded, lazy caches built
+    before = live_tensor_bytes()
+    big = (96, 128)
+    budget = (smallest_peak(FRAMES, big) + smallest_peak(FRAMES, (HEIGHT, WIDTH))) // 2
+    monkeypatch.setenv(memory_plan.TEST_BUDGET_ENV, str(budget))
+
+    answer, _ = restore(handler, clip, tmp_path, res_h=big[0], res_w=big[1])
+    error = answer["error"]
+    assert error.startswith("OUT_OF_MEMORY: a 128x96 output of 12 frames does not fit"), error
+    assert "Traceback" not in error and len(error) < 600
+    suggested = error.split("at most ")[1].split(" for 12 frames")[0]
+    width, height = (int(side) for side in suggested.split("x"))
+    assert 16 <= height < 96 and 16 <= width < 128
+    assert live_tensor_bytes() == before  # nothing of the failed job is left
+
+    answer, video = restore(handler, clip, tmp_path, res_h=height, res_w=width)  # the suggestion fits
+    assert "error" not in answer, answer
+    assert answer["processing_info"]["retries"] == []
+    assert video.height <= height and video.width <= width and video.frame_count == FRAMES
+    monkeypatch.delenv(memory_plan.TEST_BUDGET_ENV)
+    answer, video = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH)
+    assert "error" not in answer and video.frame_count == FRAMES
+
+
+def test_pinned_options_are_kept_on_retries_and_named_when_nothing_fits(handler, clip, tmp_path, monkeypatch):
+    restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH)
+    pinned = Wishes(chunk_frames=9, chunk_overlap=1, dit_offload=False)
+    peaks = [estimate(plan, footprint(), FRAMES, (HEIGHT, WIDTH), (HEIGHT, WIDTH)).peak
+             for plan in candidates(FRAMES, (HEIGHT, WIDTH), pinned)]
+    monkeypatch.setenv(memory_plan.TEST_BUDGET_ENV, str(min(peaks) - 1))
+    answer, _ = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH, chunk_frames=9, chunk_overlap=1,
+                        dit_offload=False)
+    assert answer["error"].startswith("OUT_OF_MEMORY: ")
+    assert "chunk_frames, chunk_overlap, dit_offload allow (leave them out" in answer["error"]
+    monkeypatch.delenv(memory_plan.TEST_BUDGET_ENV)
+    answer, _ = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH, chunk_frames=9, chunk_overlap=1,
+                        dit_offload=False)
+    plan = answer["processing_info"]["plan"]
+    assert (plan["chunk_frames"], plan["chunk_overlap"], plan["dit_offload"], plan["chunks"]) == (9, 1, False, 2)
