@@ -27,7 +27,7 @@ from seedvr.inputs import InputItem, gather_inputs
 from seedvr.media.video import iter_frames
 from seedvr.model_holder import ModelHolder
 from seedvr.models.attention import available_backends, resolve_backend
-from seedvr.outputs import deliver_output, video_writer, write_comparison, write_restored_image
+from seedvr.outputs import OutputFile, deliver_output, video_writer, write_comparison, write_restored_image
 from seedvr.progress import Progress, runpod_sink
 from seedvr.schema import max_output_area
 
@@ -118,12 +118,16 @@ def target_resolution(request, height: int, width: int) -> tuple[int, int]:
 
 @dataclass
 class ItemResult:
+    """One restored item, encoded in the job's folder; `delivered`/`compared` are set by delivery."""
+
     kind: str
     width: int
     height: int
-    delivered: Delivered
-    compare: Delivered | None
+    output: OutputFile
+    comparison: OutputFile | None
     info: dict = field(default_factory=dict)
+    delivered: Delivered | None = None
+    compared: Delivered | None = None
 
 
 def _source(item: InputItem, timings: dict, keep_index: int, kept: list) -> Iterator[np.ndarray]:
@@ -209,8 +213,8 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _restore_item(model, request, item: InputItem, workdir: Path, progress: Progress, job_id: str) -> ItemResult:
-    """Plan, restore with retries on CUDA out-of-memory (each with a smaller plan), deliver."""
+def restore_item(model, request, item: InputItem, workdir: Path, progress: Progress) -> ItemResult:
+    """Plan, restore with retries on CUDA out-of-memory (each with a smaller plan), encode into workdir."""
     timings = {}
     resolution = target_resolution(request, item.height, item.width)
     out_h, out_w = preprocess.output_size(item.height, item.width, *resolution)
@@ -236,12 +240,6 @@ def _restore_item(model, request, item: InputItem, workdir: Path, progress: Prog
                 footprint, budget, guess, *clip, wishes, on_gpu=model.pipeline.device.type == "cuda"))
         plan, guess = retry
     output, comparison = files
-
-    progress.phase("deliver")
-    deliver_started = time.perf_counter()
-    delivered = deliver_output(request, output, job_id)
-    compared = deliver_output(request, comparison, job_id) if comparison else None
-    timings["deliver"] = time.perf_counter() - deliver_started
     chunks = len(chunking.plan_chunks(item.frame_count, plan.chunk_frames, plan.chunk_overlap))
     info = {"input_resolution": f"{item.width}x{item.height}", "frames": item.frame_count,
             "plan": {**plan.describe(), "chunks": chunks, "estimated_peak_bytes": guess.peak,
@@ -250,7 +248,17 @@ def _restore_item(model, request, item: InputItem, workdir: Path, progress: Prog
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()}}
     if item.fps is not None:
         info["fps"] = str(item.fps)
-    return ItemResult(item.kind, out_w, out_h, delivered, compared, info)
+    return ItemResult(item.kind, out_w, out_h, output, comparison, info)
+
+
+def _deliver(request, result: ItemResult, job_id: str, progress: Progress) -> ItemResult:
+    progress.phase("deliver")
+    started = time.perf_counter()
+    result.delivered = deliver_output(request, result.output, job_id)
+    if result.comparison is not None:
+        result.compared = deliver_output(request, result.comparison, job_id)
+    result.info["timings"]["deliver"] = round(time.perf_counter() - started, 4)
+    return result
 
 
 def _answer(request, model, results: list[ItemResult], total_s: float) -> dict:
@@ -271,7 +279,7 @@ def _answer(request, model, results: list[ItemResult], total_s: float) -> dict:
         answer["media_types"] = kinds
         answer["resolutions"] = [f"{r.width}x{r.height}" for r in results]
     if request.compare:
-        answer["compare"] = [r.compare.value for r in results]
+        answer["compare"] = [r.compared.value for r in results]
     info = {
         "seed": request.seed,
         "cfg_scale": request.cfg_scale,
@@ -308,7 +316,8 @@ def restore(request, job) -> dict:
         def run_items():
             with HOLDER.use(request.model_type, request.model_variant, request.attention_backend,
                             request.sp_size) as model:
-                return model, [_restore_item(model, request, item, workdir, progress, job_id) for item in items]
+                return model, [_deliver(request, restore_item(model, request, item, workdir, progress), job_id,
+                                        progress) for item in items]
 
         done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
         if failure is not None:

@@ -483,8 +483,11 @@ def _invalid_input(problems: list[str]) -> RestoreError:
     return RestoreError(INVALID_INPUT, "; ".join(shown))
 
 
-def parse_request(job_input: Any) -> Request:
-    """Validate `job["input"]`; RestoreError(INVALID_INPUT) lists every problem (field, what it accepts)."""
+def parse_request(job_input: Any, *, media_required: bool = True) -> Request:
+    """Validate `job["input"]`; RestoreError(INVALID_INPUT) lists every problem (field, what it accepts).
+
+    media_required=False: a restore request whose media come from elsewhere (the command line's files).
+    """
     if not isinstance(job_input, dict):
         raise _invalid_input([f"input must be a JSON object with an `action` field, got {_show(job_input)}"])
     action, problem = _read(ACTION_FIELD, job_input)
@@ -499,6 +502,8 @@ def parse_request(job_input: Any) -> Request:
             problems.append(problem)
             invalid.add(field.name)
     for rule in request_type.rules:
+        if rule is one_media_field and not media_required:
+            continue
         reads = inspect.signature(rule).parameters
         given = {name: values[name] for name in reads if name in values}  # a rule may default what an action lacks
         if invalid.isdisjoint(reads) and (problem := rule(**given)):
