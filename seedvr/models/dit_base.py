@@ -70,6 +70,9 @@ class NaDiTBase(nn.Module):
     def __init__(self):
         super().__init__()
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flash"
+        # The official code casts q, k, v to bf16 before flash-attention even in a float32 model. Off: exact
+        # float32 attention (the goldens' `vid_sample`); on: the official rounding (`vid_sample_bf16qkv`).
+        self.round_qkv_to_bf16 = False
         self.block_offload = None  # a seedvr.models.block_offload.BlockOffload: blocks visit the device in turn
 
     def rope_positions(self, packing: WindowPacking, vid_lengths: list[int]) -> RopePositions:
@@ -123,7 +126,8 @@ class NaDiTBase(nn.Module):
         for kind in dict.fromkeys(block.window_kind for block in self.blocks):
             packing = pack_windows(*kind, grids, txt_lengths, device=vid.device)
             windows[kind] = (packing, self.rope_positions(packing, vid_lengths))
-        ctx = BlockContext(vid_lengths, txt_lengths, windows, self.attention_backend)
+        ctx = BlockContext(vid_lengths, txt_lengths, windows, self.attention_backend,
+                           round_qkv_to_bf16=self.round_qkv_to_bf16)
         if sp is not None:  # from here on, this rank's rows of both streams (zero-padded to a multiple of sp)
             shards = sp.shard_tokens(vid.shape[0]), sp.shard_tokens(txt.shape[0])
             vid, txt = shards[0].local(vid), shards[1].local(txt)

@@ -30,6 +30,7 @@ class BlockContext:
     windows: dict[WindowKind, tuple[WindowPacking, RopePositions]]
     attention_backend: str
     shards: "tuple[TokenShard, TokenShard] | None" = None
+    round_qkv_to_bf16: bool = False  # see NaDiTBase.round_qkv_to_bf16
 
 
 class WindowAttention(nn.Module):
@@ -50,14 +51,14 @@ class WindowAttention(nn.Module):
         self.rope = rope
 
     def forward(self, vid: torch.Tensor, txt: torch.Tensor, packing: WindowPacking, positions: RopePositions,
-                backend: str, need_txt: bool = True,
-                shards: "tuple[TokenShard, TokenShard] | None" = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                backend: str, need_txt: bool = True, shards: "tuple[TokenShard, TokenShard] | None" = None,
+                round_qkv_to_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         # [L, D] -> [L, 3, H, d]: features laid out (3, heads, head_dim)
         vid_qkv = self.proj_qkv.for_vid(vid).unflatten(-1, (3, self.heads, self.head_dim))
         txt_qkv = self.proj_qkv.for_txt(txt).unflatten(-1, (3, self.heads, self.head_dim))
         if shards is not None:  # this rank's rows, all heads -> all rows, this rank's heads
             vid_qkv, txt_qkv = shards[0].gather_rows(vid_qkv), shards[1].gather_rows(txt_qkv)
-        vid_out, txt_out = self.attend(vid_qkv, txt_qkv, packing, positions, backend, need_txt)
+        vid_out, txt_out = self.attend(vid_qkv, txt_qkv, packing, positions, backend, need_txt, round_qkv_to_bf16)
         if shards is not None:  # all rows, this rank's heads -> this rank's rows, all heads
             vid_out = shards[0].scatter_rows(vid_out)
             txt_out = shards[1].scatter_rows(txt_out) if need_txt else None
@@ -66,15 +67,20 @@ class WindowAttention(nn.Module):
         return vid_out, txt_out
 
     def attend(self, vid_qkv: torch.Tensor, txt_qkv: torch.Tensor, packing: WindowPacking,
-               positions: RopePositions, backend: str, need_txt: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+               positions: RopePositions, backend: str, need_txt: bool,
+               round_qkv_to_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Full-sequence qkv [L, 3, H, d], [l, 3, H, d] -> attention outputs [L, H, d], [l, H, d] (or None)."""
         vid_q, vid_k, vid_v = vid_qkv.unbind(1)
         txt_q, txt_k, txt_v = txt_qkv.unbind(1)
         vid_q, vid_k = self.norm_q.for_vid(vid_q), self.norm_k.for_vid(vid_k)
         txt_q, txt_k = self.norm_q.for_txt(txt_q), self.norm_k.for_txt(txt_k)
         vid_q, vid_k, txt_q, txt_k = self.rope(vid_q, vid_k, txt_q, txt_k, positions)
-        out = varlen_attention(packing.pack(vid_q, txt_q), packing.pack(vid_k, txt_k), packing.pack(vid_v, txt_v),
-                               packing.cu_seqlens, packing.max_seqlen, backend)  # [N, H, d]
+        q, k, v = packing.pack(vid_q, txt_q), packing.pack(vid_k, txt_k), packing.pack(vid_v, txt_v)  # [N, H, d]
+        if round_qkv_to_bf16:  # the official bf16 cast before flash-attention, kept in a float32 model
+            q, k, v = (tensor.to(torch.bfloat16).to(q.dtype) for tensor in (q, k, v))
+        out = varlen_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen, backend)  # [N, H, d]
+        if round_qkv_to_bf16:  # flash-attention returns bf16; the official casts it back to q's dtype
+            out = out.to(torch.bfloat16).to(q.dtype)
         return packing.unpack(out, need_txt)
 
 
@@ -114,7 +120,8 @@ class MMWindowBlock(nn.Module):
             txt_attn = self.ada.for_txt.modulation(emb, "attn")
             attn_txt = modulate_in(attn_txt, txt_attn, ctx.txt_lengths)
         attn_vid, attn_txt = self.attn(attn_vid, attn_txt, packing, positions, ctx.attention_backend,
-                                       need_txt=self.txt_output, shards=ctx.shards)
+                                       need_txt=self.txt_output, shards=ctx.shards,
+                                       round_qkv_to_bf16=ctx.round_qkv_to_bf16)
         vid = vid + modulate_out(attn_vid, vid_attn, ctx.vid_lengths)
 
         # 2. MLP

@@ -1,0 +1,111 @@
+"""The handler's media overhead against a plain ffmpeg transcode, and its peak RSS for a large payload.
+
+    python benchmarks/bench_handler_overhead.py [--seconds 10] [--payload-mb 50]
+
+Overhead: the worker's own path around the model — base64 decode, sniff, probe, frame decode, H.264 encode
+(crf 18, the default output), base64 encode of the result — with the model left out (frames go straight
+from the decoder to the encoder), against `ffmpeg -i clip -c:v libx264 -crf 18 -pix_fmt yuv420p -c:a copy`
+on the same clip, timed in the same run (median of --repeats). Goal: ratio <= 1.10.
+
+Peak RSS: the same path in a fresh process for a payload of about --payload-mb MB, as the growth of the
+process's peak RSS over its RSS after start-up (imports). Goal: <= 4x the payload.
+"""
+
+import argparse
+import base64
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from seedvr.delivery import deliver
+from seedvr.inputs import gather_inputs
+from seedvr.media.ffmpeg import ffmpeg_exe
+from seedvr.media.video import iter_frames
+from seedvr.outputs import video_writer
+from seedvr.schema import parse_request
+
+
+def make_clip(path: Path, seconds: float, size: str, bitrate: str) -> Path:
+    """A moving test pattern with AAC audio (never a static or black clip)."""
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=30",
+                    "-f", "lavfi", "-i", "sine=frequency=440", "-t", str(seconds), "-c:v", "libx264",
+                    "-b:v", bitrate, "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)], check=True)
+    return path
+
+
+def ffmpeg_transcode(clip: Path, out: Path) -> None:
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", str(clip), "-c:v", "libx264", "-crf", "18",
+                    "-pix_fmt", "yuv420p", "-c:a", "copy", str(out)], check=True)
+
+
+def worker_path(payload: str, workdir: Path) -> str:
+    """What the worker does around the model, on a base64 payload; returns the base64 answer."""
+    request = parse_request({"action": "restore", "media": payload})
+    item = gather_inputs(request, workdir)[0]
+    writer, output = video_writer(request, item, workdir, item.width, item.height)
+    with writer:
+        for frame in iter_frames(item.path, item.video):
+            writer.write(frame)
+    return deliver(output.path, mode="base64", job_id="bench", mime=output.mime).value
+
+
+def peak_rss_child(clip: Path) -> None:
+    """Run in a fresh process: print the peak RSS growth of one worker path over the RSS after imports."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    payload = base64.b64encode(clip.read_bytes()).decode()
+    with tempfile.TemporaryDirectory() as tmp:
+        answer = worker_path(payload, Path(tmp))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"growth_bytes": peak - before, "answer_chars": len(answer)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--payload-mb", type=float, default=50.0)
+    parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        peak_rss_child(args.rss_child)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clip = make_clip(tmp / "clip.mp4", args.seconds, args.size, "1500k")
+        payload = base64.b64encode(clip.read_bytes()).decode()
+        plain, ours = [], []
+        for run in range(args.repeats):
+            started = time.perf_counter()
+            ffmpeg_transcode(clip, tmp / f"plain{run}.mp4")
+            plain.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory(dir=tmp) as workdir:
+                worker_path(payload, Path(workdir))
+            ours.append(time.perf_counter() - started)
+        ratio = statistics.median(ours) / statistics.median(plain)
+        print(f"clip: {args.size}, {args.seconds:g} s at 30 fps with AAC, {clip.stat().st_size / 1e6:.1f} MB")
+        print("| path | seconds (median of %d) |" % args.repeats)
+        print("|---|---|")
+        print(f"| plain ffmpeg transcode (libx264 crf 18) | {statistics.median(plain):.2f} |")
+        print(f"| worker path without the model | {statistics.median(ours):.2f} |")
+        print(f"| ratio | {ratio:.3f} |")
+
+        big = make_clip(tmp / "big.mp4", args.seconds, "1280x720",
+                        f"{int(args.payload_mb * 8e6 / args.seconds)}")
+        result = subprocess.run([sys.executable, __file__, "--rss-child", str(big)], capture_output=True,
+                                text=True, check=True)
+        growth = json.loads(result.stdout.strip().splitlines()[-1])["growth_bytes"]
+        size = big.stat().st_size
+        print(f"\npayload {size / 1e6:.1f} MB (base64 {len(base64.b64encode(big.read_bytes())) / 1e6:.1f} MB): "
+              f"peak RSS growth {growth / 1e6:.1f} MB = {growth / size:.2f}x the payload")
+
+
+if __name__ == "__main__":
+    main()
