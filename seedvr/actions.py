@@ -29,7 +29,7 @@ from seedvr.model_holder import ModelHolder
 from seedvr.models.attention import available_backends, resolve_backend
 from seedvr.outputs import OutputFile, deliver_output, video_writer, write_comparison, write_restored_image
 from seedvr.progress import Progress, runpod_sink
-from seedvr.schema import max_output_area
+from seedvr.schema import MODEL_TYPES, max_output_area
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _gpu_facts() -> dict:
 def _weight_files() -> dict:
     """Which weight files are present, per model; never opens them."""
     present = {}
-    for model_type in loader.MODEL_TYPES:
+    for model_type in MODEL_TYPES:
         try:
             config = loader.load_config(model_type)
         except RestoreError:

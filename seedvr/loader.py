@@ -19,7 +19,6 @@ from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.dit7b import NaDiT7B
 from seedvr.models.vae import VideoAutoencoder, convert_legacy_vae_keys
 from seedvr.pipeline import SeedVR2
-from seedvr.schema import DEFAULT_MODEL_TYPE, MODEL_TYPES
 
 DIT_CLASSES = {"dit3b": NaDiT3B, "dit7b": NaDiT7B}
 

@@ -20,6 +20,7 @@ from seedvr import loader, weights
 from seedvr.errors import CheckpointError
 from seedvr.loader import LoadedModel
 from seedvr.parallel import SequenceParallelGroup
+from seedvr.schema import DEFAULT_MODEL_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ModelHolder:
 
     def _wanted(self, model_type: str | None, variant: str) -> tuple[str, str]:
         if model_type is None:
-            model_type = self._model.model_type if self._model else loader.DEFAULT_MODEL_TYPE
+            model_type = self._model.model_type if self._model else DEFAULT_MODEL_TYPE
         return model_type, variant
 
     def _release(self) -> None:

@@ -43,6 +43,23 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_handler(tiny_dir):
+    """`handler.handler` in this process, pointed at the tiny installation; the warm model is released after."""
+    from worker_server import tiny_paths
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in tiny_paths(tiny_dir).items():
+            patch.setenv(name, value)
+        patch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)
+        import handler
+
+        yield handler.handler
+    from seedvr import actions
+
+    actions.HOLDER._release()
+
+
 S3_BUCKET = "seedvr-results"
 
 

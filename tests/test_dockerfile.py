@@ -129,7 +129,7 @@ def test_torch_is_pinned_by_pyproject_and_comes_from_the_cuda_index_of_the_base_
     index = subprocess.run(["bash", "-c", derivation], env={"CUDA_VERSION": cuda, "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, check=True).stdout.strip()
     assert index == "".join(cuda.split(".")[:2])  # 12.8.1 -> 128
-    assert all(f"nvidia/cuda:${{CUDA_VERSION}}-" in args for instruction, args in instructions() if instruction == "FROM"
+    assert all("nvidia/cuda:${CUDA_VERSION}-" in args for instruction, args in instructions() if instruction == "FROM"
                and args.startswith("nvidia/"))
 
 

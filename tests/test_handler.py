@@ -12,14 +12,13 @@ import pytest
 import handler
 from media_factory import make_image
 from seedvr import actions
-from worker_server import REPO_ROOT
+from worker_server import REPO_ROOT, tiny_paths
 
 
 @pytest.fixture
 def tiny_env(tiny_dir, monkeypatch):
-    monkeypatch.setenv("SEEDVR_CONFIG_DIR", str(tiny_dir))
-    monkeypatch.setenv("SEEDVR_CKPT_DIR", str(tiny_dir / "ckpts"))
-    monkeypatch.setenv("SEEDVR_EMBEDDINGS_DIR", str(tiny_dir / "embeddings"))
+    for name, value in tiny_paths(tiny_dir).items():
+        monkeypatch.setenv(name, value)
     return tiny_dir
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from media_factory import closest_pattern_frame, pattern_frames, write_video
-from seedvr import actions
 from seedvr.media.video import iter_frames, probe_video
 from worker_server import REPO_ROOT
 
@@ -42,16 +41,8 @@ def test_peak_memory_of_a_2000_frame_clip_stays_near_that_of_200_frames(tiny_dir
 
 
 @pytest.fixture(scope="module")
-def handler(tiny_dir):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SEEDVR_CONFIG_DIR", str(tiny_dir))
-        patch.setenv("SEEDVR_CKPT_DIR", str(tiny_dir / "ckpts"))
-        patch.setenv("SEEDVR_EMBEDDINGS_DIR", str(tiny_dir / "embeddings"))
-        patch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)
-        import handler as worker
-
-        yield worker.handler
-    actions.HOLDER._release()
+def handler(tiny_handler):
+    return tiny_handler
 
 
 def test_requested_chunks_keep_every_frame_in_order(handler, tmp_path):

@@ -5,8 +5,6 @@ nothing does, and serve the next job with nothing of the failed one left alive."
 
 import base64
 import gc
-import subprocess
-import sys
 import weakref
 from fractions import Fraction
 
@@ -17,25 +15,14 @@ from media_factory import pattern_frames, write_video
 from seedvr import actions, memory_plan
 from seedvr.media.video import probe_video
 from seedvr.memory_plan import Footprint, Wishes, candidates, estimate
-from worker_server import REPO_ROOT
 
 FRAMES, HEIGHT, WIDTH = 12, 48, 64
 SCALE = 1.3  # the simulated device needs 30% more than the plan estimated
 
 
 @pytest.fixture(scope="module")
-def handler(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "-m", "seedvr.tiny", str(root)], cwd=REPO_ROOT, check=True, capture_output=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SEEDVR_CONFIG_DIR", str(root))
-        patch.setenv("SEEDVR_CKPT_DIR", str(root / "ckpts"))
-        patch.setenv("SEEDVR_EMBEDDINGS_DIR", str(root / "embeddings"))
-        patch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)
-        import handler as worker
-
-        yield worker.handler
-    actions.HOLDER._release()
+def handler(tiny_handler):
+    return tiny_handler
 
 
 @pytest.fixture(scope="module")

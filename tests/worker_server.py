@@ -19,16 +19,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tiny_paths(tiny_dir: Path) -> dict:
+    """The three variables that point the worker at an installation written by `python -m seedvr.tiny`."""
+    return {"SEEDVR_CONFIG_DIR": str(tiny_dir), "SEEDVR_CKPT_DIR": str(tiny_dir / "ckpts"),
+            "SEEDVR_EMBEDDINGS_DIR": str(tiny_dir / "embeddings")}
+
+
 def tiny_environment(tiny_dir: Path, job_tmp: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        SEEDVR_CONFIG_DIR=str(tiny_dir),
-        SEEDVR_CKPT_DIR=str(tiny_dir / "ckpts"),
-        SEEDVR_EMBEDDINGS_DIR=str(tiny_dir / "embeddings"),
-        TMPDIR=str(job_tmp),  # the worker's temporary files, checked empty by the tests
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    """A worker process's environment: the tiny installation, and its own temporary folder (checked by tests)."""
+    return {**os.environ, **tiny_paths(tiny_dir), "TMPDIR": str(job_tmp), "PYTHONUNBUFFERED": "1"}
 
 
 class WorkerServer:

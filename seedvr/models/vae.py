@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from seedvr.models.causal_conv import GIB, CausalConv3d, TemporalCache
+from seedvr.models.causal_conv import CausalConv3d, TemporalCache
 from seedvr.models.vae_blocks import Decoder3D, Encoder3D
 from seedvr.models.vae_tiling import SpatialTiling
 
