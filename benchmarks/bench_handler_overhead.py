@@ -30,9 +30,11 @@ from seedvr.outputs import video_writer
 from seedvr.schema import parse_request
 
 
-def make_clip(path: Path, seconds: float, size: str, bitrate: str) -> Path:
-    """A moving test pattern with AAC audio (never a static or black clip)."""
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=30",
+def make_clip(path: Path, seconds: float, size: str, bitrate: str, noise: int = 0) -> Path:
+    """A moving test pattern with AAC audio (never a static or black clip); `noise` > 0 overlays temporal
+    noise of that strength, which x264 cannot compress: the file size then follows the bitrate."""
+    source = f"testsrc2=size={size}:rate=30" + (f",noise=alls={noise}:allf=t" if noise else "")
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", source,
                     "-f", "lavfi", "-i", "sine=frequency=440", "-t", str(seconds), "-c:v", "libx264",
                     "-b:v", bitrate, "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)], check=True)
     return path
@@ -97,14 +99,15 @@ def main() -> None:
         print(f"| worker path without the model | {statistics.median(ours):.2f} |")
         print(f"| ratio | {ratio:.3f} |")
 
-        big = make_clip(tmp / "big.mp4", args.seconds, "1280x720",
-                        f"{int(args.payload_mb * 8e6 / args.seconds)}")
+        big = make_clip(tmp / "big.mp4", args.seconds, "1280x720", f"{int(args.payload_mb * 8e6 / args.seconds)}",
+                        noise=40)
         result = subprocess.run([sys.executable, __file__, "--rss-child", str(big)], capture_output=True,
                                 text=True, check=True)
-        growth = json.loads(result.stdout.strip().splitlines()[-1])["growth_bytes"]
-        size = big.stat().st_size
-        print(f"\npayload {size / 1e6:.1f} MB (base64 {len(base64.b64encode(big.read_bytes())) / 1e6:.1f} MB): "
-              f"peak RSS growth {growth / 1e6:.1f} MB = {growth / size:.2f}x the payload")
+        child = json.loads(result.stdout.strip().splitlines()[-1])
+        growth, size = child["growth_bytes"], big.stat().st_size
+        print(f"\npayload {size / 1e6:.1f} MB (base64 {len(base64.b64encode(big.read_bytes())) / 1e6:.1f} MB), "
+              f"answer {child['answer_chars'] / 1e6:.1f} MB of base64: peak RSS growth {growth / 1e6:.1f} MB = "
+              f"{growth / size:.2f}x the payload")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ valid for 7 days, as the result. Two things of that helper we cannot use as is:
   short connect timeout, bounding a dead endpoint to about 20 s.
 """
 
-import base64
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
+from seedvr.media.payload import encode_file_base64
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def deliver(path: Path, *, mode: str, job_id: str, mime: str, return_data_uri: b
     size = path.stat().st_size
     prefix = f"data:{mime};base64," if return_data_uri else ""
     if mode == "base64" or (mode == "auto" and len(prefix) + _base64_length(size) < _base64_limit()):
-        value = prefix + base64.b64encode(path.read_bytes()).decode("ascii")
+        value = encode_file_base64(path, mime if return_data_uri else None)
         return Delivered(kind="base64", value=value, size_bytes=size)
 
     if not bucket_configured():

@@ -36,7 +36,8 @@ from seedvr.errors import INTERNAL, INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreErr
 from seedvr.media import payload
 from seedvr.media.ffmpeg import packet_timing
 from seedvr.media.image import read_image, write_image
-from seedvr.media.payload import MediaKind, check_forced_type, decode_base64, encode_base64, sniff_media
+from seedvr.media.payload import (DECODE_CHUNK_CHARS, ENCODE_CHUNK_BYTES, MediaKind, check_forced_type, decode_base64,
+                                  encode_file_base64, sniff_media)
 from seedvr.media.video import VideoWriter, iter_frames, probe_video, read_frames
 
 PATTERN_TOLERANCE = 8.0  # largest mean-colour error of a frame after lossy codecs (measured: about 4)
@@ -124,6 +125,17 @@ def test_decode_base64_rejects_bad_values_naming_the_field(value):
     assert len(caught.value.message) < 300  # quotes an excerpt, never the whole value
 
 
+@pytest.mark.parametrize("size", [DECODE_CHUNK_CHARS // 4 * 3 - 1, DECODE_CHUNK_CHARS // 4 * 3 + 1,
+                                  DECODE_CHUNK_CHARS + 5])
+def test_decode_base64_across_chunk_boundaries(size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    text = base64.b64encode(data).decode()
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))  # whitespace shifts every boundary
+    urlsafe = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    for variant in (text, wrapped, urlsafe, "data:video/mp4;base64," + wrapped):
+        assert decode_base64(variant, "media") == data
+
+
 def test_decode_base64_checks_size_before_decoding():
     assert decode_base64(STANDARD, "video", max_bytes=len(PAYLOAD)) == PAYLOAD
     with pytest.raises(RestoreError) as caught:
@@ -131,10 +143,17 @@ def test_decode_base64_checks_size_before_decoding():
     assert caught.value.code == INVALID_INPUT and "limit" in caught.value.message
 
 
-def test_encode_base64_round_trips():
-    assert decode_base64(encode_base64(PAYLOAD), "x") == PAYLOAD
-    uri = encode_base64(PAYLOAD, "image/png")
-    assert uri.startswith("data:image/png;base64,") and decode_base64(uri, "x") == PAYLOAD
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, ENCODE_CHUNK_BYTES - 1, ENCODE_CHUNK_BYTES, ENCODE_CHUNK_BYTES + 2,
+                                  2 * ENCODE_CHUNK_BYTES + 1])
+def test_encode_file_base64_equals_base64_of_the_whole_file(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    assert encode_file_base64(path) == base64.b64encode(data).decode("ascii")
+    uri = encode_file_base64(path, "image/png")
+    assert uri.startswith("data:image/png;base64,")
+    if data:  # an empty payload is refused by decode_base64
+        assert decode_base64(uri, "x") == data
 
 
 # ----------------------------------------------------------------------------- sniffing

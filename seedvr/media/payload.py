@@ -9,6 +9,7 @@ forms are images.
 import base64
 import binascii
 import io
+import os
 import re
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ try:
 except ImportError:  # libmagic missing: `filetype` alone decides
     magic = None
 
+ENCODE_CHUNK_BYTES = 3 << 20  # a multiple of 3: chunks encode without padding but the last
+DECODE_CHUNK_CHARS = 4 << 20  # base64 characters cleaned and decoded at a time
 SNIFF_BYTES = 1 << 20  # libmagic never needs more than the first MiB for these formats
 DATA_URI = re.compile(r"data:[^,]*?;base64,", re.IGNORECASE)
 URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
@@ -70,17 +73,19 @@ ACCEPTED = (
 )
 
 
-def decode_base64(value, field: str, *, max_bytes: int | None = None) -> bytes:
+def decode_base64(value, field: str, *, max_bytes: int | None = None) -> bytearray:
     """Bytes of a base64 string: standard or URL-safe alphabet, padded or not,
     whitespace anywhere, optionally wrapped in a `data:<mime>;base64,` URI.
 
-    `max_bytes` is checked on the encoded length, before anything is decoded.
+    `max_bytes` is checked on the encoded length, before anything is decoded. The text is cleaned and
+    decoded DECODE_CHUNK_CHARS at a time into one buffer: a payload of hundreds of MB is never copied whole.
     """
     if not isinstance(value, str):
         raise RestoreError(
             INVALID_INPUT, f"{field} must be a base64 string, got {type(value).__name__}"
         )
-    text = value.strip()
+    text = value.strip()  # the same object when there is nothing to strip
+    start = 0
     if text[:5].lower() == "data:":
         header = DATA_URI.match(text)
         if header is None:
@@ -89,35 +94,54 @@ def decode_base64(value, field: str, *, max_bytes: int | None = None) -> bytes:
                 f"{field} is a data URI without ';base64,' (got {excerpt(text)}); "
                 "send 'data:<mime>;base64,<data>' or plain base64",
             )
-        text = text[header.end():]
-    # Every 4 characters hold 3 bytes; whitespace makes this an overestimate by ~1%.
-    decoded_size = len(text.rstrip().rstrip("=")) * 3 // 4
+        start = header.end()
+    # Every 4 characters hold 3 bytes (less the "=" padding); whitespace makes this a slight overestimate.
+    padding = len(text[-2:]) - len(text[-2:].rstrip("="))
+    decoded_size = (len(text) - start - padding) * 3 // 4
     if max_bytes is not None and decoded_size > max_bytes:
         raise RestoreError(
             INVALID_INPUT,
             f"{field} is about {decoded_size / 2**20:.1f} MiB once decoded, over the "
             f"limit of {max_bytes / 2**20:.1f} MiB; send a smaller file",
         )
-    text = "".join(text.split()).translate(URL_SAFE_TO_STANDARD).rstrip("=")
-    if not text:
-        raise RestoreError(INVALID_INPUT, f"{field} is empty; send the file as base64")
-    if len(text) % 4 == 1:  # no base64 string has this length, whatever its padding
-        raise RestoreError(
-            INVALID_INPUT, f"{field} is not valid base64 (truncated?): {excerpt(value)}"
-        )
+    decoded, carry, characters = bytearray(), "", 0
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        for offset in range(start, len(text), DECODE_CHUNK_CHARS):
+            piece = carry + "".join(text[offset:offset + DECODE_CHUNK_CHARS].split()).translate(URL_SAFE_TO_STANDARD)
+            characters += len(piece) - len(carry)
+            whole = len(piece) - len(piece) % 4  # decode whole 4-character groups; carry the rest over
+            decoded += base64.b64decode(piece[:whole], validate=True)
+            carry = piece[whole:]
+        tail = carry.rstrip("=")
+        if characters and len(tail) % 4 == 1:  # no base64 string has this length, whatever its padding
+            raise RestoreError(
+                INVALID_INPUT, f"{field} is not valid base64 (truncated?): {excerpt(value)}"
+            )
+        decoded += base64.b64decode(tail + "=" * (-len(tail) % 4), validate=True)
     except binascii.Error as err:
         raise RestoreError(
             INVALID_INPUT,
             f"{field} is not valid base64 ({err}); got {excerpt(value)}",
         ) from err
+    if not decoded:
+        raise RestoreError(INVALID_INPUT, f"{field} is empty; send the file as base64")
+    return decoded
 
 
-def encode_base64(data: bytes, mime: str | None = None) -> str:
-    """Standard padded base64, as a data URI when `mime` is given."""
-    text = base64.b64encode(data).decode("ascii")
-    return f"data:{mime};base64,{text}" if mime else text
+def encode_file_base64(path, mime: str | None = None) -> str:
+    """A file as standard padded base64 text (a data URI when `mime` is given), read in chunks into one
+    buffer: the file's bytes are never held whole, so the peak is the text twice (buffer, then str)."""
+    prefix = f"data:{mime};base64,".encode("ascii") if mime else b""
+    size = os.path.getsize(path)
+    text = bytearray(len(prefix) + 4 * ((size + 2) // 3))
+    text[:len(prefix)] = prefix
+    position = len(prefix)
+    with open(path, "rb") as file:
+        while chunk := file.read(ENCODE_CHUNK_BYTES):
+            encoded = base64.b64encode(chunk)
+            text[position:position + len(encoded)] = encoded
+            position += len(encoded)
+    return text.decode("ascii")
 
 
 def sniff_media(data: bytes) -> MediaKind:
