@@ -19,8 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from seedvr import tiny
-from seedvr.loader import DIT_CLASSES, compute_dtype
-from seedvr.models.vae import VideoAutoencoder
+from seedvr.loader import build_models, compute_dtype
 from seedvr.pipeline import SeedVR2
 
 PHASES = ("preprocess", "vae_encode", "dit", "vae_decode", "postprocess")
@@ -44,8 +43,7 @@ def build(size: str, full: bool, device: torch.device) -> SeedVR2:
         else tiny.tiny_config(size)
     dtype = compute_dtype(device)
     generator = torch.Generator().manual_seed(0)
-    dit = DIT_CLASSES[config.dit.architecture](**OmegaConf.to_container(config.dit.kwargs))
-    vae = VideoAutoencoder(**OmegaConf.to_container(config.vae.kwargs))
+    dit, vae = build_models(config, device="cpu")
     tiny.randomise(dit, generator)
     tiny.randomise(vae, generator)
     dit.eval().to(device)

@@ -42,7 +42,7 @@ def load(path: Path, model: torch.nn.Module, kind: str) -> list[torch.Tensor]:
 def load_seconds(path: Path, config, kind: str, runs: int) -> list[float]:
     times = []
     for run in range(runs + 1):  # the first run warms the page cache and is not counted
-        model = weights.meta_models(config)[kind == "vae"]  # built outside the timing: the same for both formats
+        model = loader.build_models(config)[kind == "vae"]  # built outside the timing: the same for both formats
         started = time.perf_counter()
         load(path, model, kind)
         if run:
@@ -68,7 +68,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rows = []
-        for kind, model in zip(("dit", "vae"), weights.meta_models(config)):
+        for kind, model in zip(("dit", "vae"), loader.build_models(config)):
             state_dict = random_state_dict(model, generator)
             pth, converted = Path(tmp) / f"{kind}.pth", Path(tmp) / f"{kind}.safetensors"
             torch.save(state_dict, pth)

@@ -97,13 +97,23 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _load_embedding(path: Path) -> torch.Tensor:
+def build_models(config, device: str | torch.device = "meta") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The DiT and the VAE a config describes, uninitialised on `device` (meta: every key and shape, no memory)."""
+    with torch.device(device):
+        dit = DIT_CLASSES[config.dit.architecture](**OmegaConf.to_container(config.dit.kwargs))
+        vae = VideoAutoencoder(**OmegaConf.to_container(config.vae.kwargs))
+    return dit, vae
+
+
+def load_embedding(path: Path, channels: int) -> torch.Tensor:
+    """A text embedding file: one [tokens, channels] tensor, or CheckpointError naming the file."""
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read text embedding {path}: {type(error).__name__}") from error
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-        raise CheckpointError(f"text embedding {path} must hold one 2-D tensor [tokens, channels]")
+        raise CheckpointError(f"cannot read text embedding {path}: {type(error).__name__}: {str(error)[:200]}") from None
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.shape[1] != channels:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise CheckpointError(f"text embedding {path} must be one [tokens, {channels}] tensor, got {shape}")
     return tensor
 
 
@@ -133,10 +143,7 @@ def load_model(model_type: str, variant: str = "normal", *, device: torch.device
     device = device or default_device()
     dtype = compute_dtype(device)
 
-    dit_class = DIT_CLASSES[config.dit.architecture]
-    with torch.device("meta"):
-        dit = dit_class(**OmegaConf.to_container(config.dit.kwargs))
-        vae = VideoAutoencoder(**OmegaConf.to_container(config.vae.kwargs))
+    dit, vae = build_models(config)
 
     load_strict(dit, read_state_dict(files.dit), files.dit)
     load_strict(vae, convert_legacy_vae_keys(read_state_dict(files.vae)), files.vae)
@@ -154,12 +161,9 @@ def load_model(model_type: str, variant: str = "normal", *, device: torch.device
     dit.attention_backend = attention_backend
     vae.to(device=device, dtype=dtype)
 
-    positive = _load_embedding(files.positive_embedding)
-    negative = _load_embedding(files.negative_embedding)
     txt_in_dim = config.dit.kwargs.txt_in_dim
-    for path, tensor in ((files.positive_embedding, positive), (files.negative_embedding, negative)):
-        if tensor.shape[1] != txt_in_dim:
-            raise CheckpointError(f"text embedding {path} has {tensor.shape[1]} channels, the DiT expects {txt_in_dim}")
+    positive = load_embedding(files.positive_embedding, txt_in_dim)
+    negative = load_embedding(files.negative_embedding, txt_in_dim)
 
     pipeline = SeedVR2(dit, vae, positive, negative, device=device, dtype=dtype,
                        scaling_factor=config.vae.scaling_factor, shifting_factor=config.vae.shifting_factor)

@@ -35,7 +35,6 @@ import torch
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import WeakFileLock, build_hf_headers
-from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from seedvr import loader, paths
@@ -143,14 +142,6 @@ def auto_download_enabled() -> bool:
 
 
 # Verify
-def meta_models(config) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The DiT and the VAE of a config, on the meta device: every key and shape, no memory."""
-    with torch.device("meta"):
-        dit = loader.DIT_CLASSES[config.dit.architecture](**OmegaConf.to_container(config.dit.kwargs))
-        vae = VideoAutoencoder(**OmegaConf.to_container(config.vae.kwargs))
-    return dit, vae
-
-
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """{key: shape} of a checkpoint, read without loading its tensors (the .safetensors header, a mapped .pth)."""
     if path.suffix != ".safetensors":
@@ -172,24 +163,15 @@ def check_checkpoint(model: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(describe_mismatches(mismatches, str(path)))
 
 
-def check_embedding(path: Path, channels: int) -> None:
-    try:
-        embedding = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # truncated, or not a torch file
-        raise CheckpointError(f"cannot read text embedding {path}: {type(error).__name__}: {str(error)[:200]}") from None
-    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or embedding.shape[1] != channels:
-        raise CheckpointError(f"{path} is not a [tokens, {channels}] text embedding")
-
-
 def verify(model_type: str, variant: str) -> None:
     """Check every file of a model: checkpoints (the converted ones where present) and embeddings."""
     config = loader.load_config(model_type)
     files = loader.check_files(model_type, variant)
-    dit, vae = meta_models(config)
+    dit, vae = loader.build_models(config)
     check_checkpoint(dit, files.dit)
     check_checkpoint(vae, files.vae)
     for path in (files.positive_embedding, files.negative_embedding):
-        check_embedding(path, config.dit.kwargs.txt_in_dim)
+        loader.load_embedding(path, config.dit.kwargs.txt_in_dim)
 
 
 # Convert
@@ -229,7 +211,7 @@ def convert(name: str, delete_pth: bool = False) -> None:
     """Write the bf16 .safetensors of a model's checkpoints (skipping those already converted), then verify."""
     model_type, variant = split_name(name)
     config = loader.load_config(model_type)
-    dit, vae = meta_models(config)
+    dit, vae = loader.build_models(config)
     ckpt = paths.ckpt_dir()
     for model, source in ((dit, ckpt / config.dit.checkpoints[variant]), (vae, ckpt / config.vae.checkpoint)):
         target = source.with_suffix(".safetensors")

@@ -348,7 +348,7 @@ def installation(tiny_dir, tmp_path, monkeypatch) -> Path:
 
 def built(model_type: str, checkpoint: Path):
     """The DiT as the loader builds it for a GPU: strict load, fp32, then the bf16 compute policy."""
-    dit, _ = weights.meta_models(loader.load_config(model_type))
+    dit, _ = loader.build_models(loader.load_config(model_type))
     load_strict(dit, read_state_dict(checkpoint), checkpoint)
     return dit.to(torch.float32).to_compute_dtype(torch.bfloat16)
 
