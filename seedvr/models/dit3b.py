@@ -8,10 +8,9 @@ shift/scale slice of the time embedding (SEEDVR2_SPEC 2.5, 2.6, 2.10).
 
 import torch
 
-from seedvr.models.dit_base import (NaDiTBase, check_block_types, check_choice, check_patch_size, per_layer_methods,
-                                    per_layer_windows)
+from seedvr.models.dit_base import NaDiTBase, check_choice
 from seedvr.models.dit_block import BlockContext, MMWindowBlock
-from seedvr.models.dit_layers import MLP_TYPES, AdaSingle, PatchIn, PatchOut, RMSNorm, TimeEmbedding, modulate_in
+from seedvr.models.dit_layers import AdaSingle, PatchOut, RMSNorm, modulate_in
 from seedvr.models.rope import MMRope3d, RopePositions, mmrope_positions
 from seedvr.models.window import WindowPacking
 
@@ -50,31 +49,19 @@ class NaDiT3B(NaDiTBase):
         check_choice("txt_in_norm", txt_in_norm, ["fusedln", "fusedrms", None])
         if not isinstance(txt_in_dim, int):
             raise ValueError(f"txt_in_dim must be an int (several text encoders are not supported); got {txt_in_dim!r}")
-        if txt_dim != vid_dim:
-            raise ValueError(f"txt_dim ({txt_dim}) must equal vid_dim ({vid_dim})")
-        if emb_dim != 6 * vid_dim:
-            raise ValueError(f"emb_dim ({emb_dim}) must be 6 * vid_dim ({6 * vid_dim}) for ada 'single'")
-        check_choice("norm", norm, ["fusedrms"])
-        check_choice("qk_norm", qk_norm, ["fusedrms"])
-        check_choice("ada", ada, ["single"])
-        check_choice("mlp_type", mlp_type, list(MLP_TYPES))
         check_choice("rope_type", rope_type, ["mmrope3d"])
         for value in [msa_type] if isinstance(msa_type, str) or msa_type is None else msa_type:
             check_choice("msa_type", value, ["None", None])
         if not 0 <= mm_layers <= num_layers:
             raise ValueError(f"mm_layers ({mm_layers}) must lie in [0, num_layers={num_layers}]")
-        check_block_types(block_type, num_layers)
-        windows = per_layer_windows(window, num_layers)
-        methods = per_layer_methods(window_method, num_layers)
-        self.patch_size = check_patch_size(patch_size)
-
-        self.vid_in = PatchIn(vid_in_channels, vid_dim, self.patch_size)
-        self.txt_in = torch.nn.Linear(txt_in_dim, txt_dim)
-        self.emb_in = TimeEmbedding(vid_dim, emb_dim)
+        window_kinds = self._build_trunk(
+            vid_in_channels=vid_in_channels, vid_dim=vid_dim, txt_in_dim=txt_in_dim, txt_dim=txt_dim, emb_dim=emb_dim,
+            norm=norm, qk_norm=qk_norm, ada=ada, mlp_type=mlp_type, patch_size=patch_size, num_layers=num_layers,
+            block_type=block_type, window=window, window_method=window_method)
         self.blocks = torch.nn.ModuleList([
             MMWindowBlock(dim=vid_dim, heads=heads, head_dim=head_dim, expand_ratio=expand_ratio, mlp_type=mlp_type,
                           qk_bias=qk_bias, eps=norm_eps, shared=i >= mm_layers, rope=MMRope3d(head_dim, rope_dim),
-                          window_kind=(methods[i], windows[i]), txt_output=i < num_layers - 1,
+                          window_kind=window_kinds[i], txt_output=i < num_layers - 1,
                           txt_adaptive=i < num_layers - 1)
             for i in range(num_layers)
         ])

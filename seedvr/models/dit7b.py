@@ -7,10 +7,9 @@ last block processes text like the others (its text output is unused, so it is n
 
 import torch
 
-from seedvr.models.dit_base import (NaDiTBase, check_block_types, check_choice, check_patch_size, per_layer_methods,
-                                    per_layer_windows)
+from seedvr.models.dit_base import NaDiTBase, check_choice
 from seedvr.models.dit_block import BlockContext, MMWindowBlock
-from seedvr.models.dit_layers import MLP_TYPES, PatchIn, PatchOut, TimeEmbedding
+from seedvr.models.dit_layers import PatchOut
 from seedvr.models.rope import PixelRope3d, RopePositions, pixel_positions
 from seedvr.models.window import WindowPacking
 
@@ -40,29 +39,17 @@ class NaDiT7B(NaDiTBase):
                  patch_size=(1, 2, 2), num_layers: int = 36, shared_mlp: bool = False, shared_qkv: bool = False,
                  mlp_type: str = "normal", block_type="mmdit_sr", window=(4, 3, 3), window_method=WINDOW_METHODS):
         super().__init__()
-        if txt_dim != vid_dim:
-            raise ValueError(f"txt_dim ({txt_dim}) must equal vid_dim ({vid_dim})")
-        if emb_dim != 6 * vid_dim:
-            raise ValueError(f"emb_dim ({emb_dim}) must be 6 * vid_dim ({6 * vid_dim}) for ada 'single'")
-        check_choice("norm", norm, ["fusedrms"])
-        check_choice("qk_norm", qk_norm, ["fusedrms"])
-        check_choice("ada", ada, ["single"])
         check_choice("qk_rope", qk_rope, [True])
         check_choice("shared_mlp", shared_mlp, [False])
         check_choice("shared_qkv", shared_qkv, [False])
-        check_choice("mlp_type", mlp_type, list(MLP_TYPES))
-        check_block_types(block_type, num_layers)
-        windows = per_layer_windows(window, num_layers)
-        methods = per_layer_methods(window_method, num_layers)
-        self.patch_size = check_patch_size(patch_size)
-
-        self.vid_in = PatchIn(vid_in_channels, vid_dim, self.patch_size)
-        self.txt_in = torch.nn.Linear(txt_in_dim, txt_dim)
-        self.emb_in = TimeEmbedding(vid_dim, emb_dim)
+        window_kinds = self._build_trunk(
+            vid_in_channels=vid_in_channels, vid_dim=vid_dim, txt_in_dim=txt_in_dim, txt_dim=txt_dim, emb_dim=emb_dim,
+            norm=norm, qk_norm=qk_norm, ada=ada, mlp_type=mlp_type, patch_size=patch_size, num_layers=num_layers,
+            block_type=block_type, window=window, window_method=window_method)
         self.blocks = torch.nn.ModuleList([
             MMWindowBlock(dim=vid_dim, heads=heads, head_dim=head_dim, expand_ratio=expand_ratio, mlp_type=mlp_type,
                           qk_bias=qk_bias, eps=norm_eps, shared=False, rope=PixelRope3d(head_dim),
-                          window_kind=(methods[i], windows[i]), txt_output=i < num_layers - 1)
+                          window_kind=window_kinds[i], txt_output=i < num_layers - 1)
             for i in range(num_layers)
         ])
         self.vid_out = PatchOut(vid_dim, vid_out_channels, self.patch_size)

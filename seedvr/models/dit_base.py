@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from seedvr.models.attention import resolve_backend
-from seedvr.models.dit_block import BlockContext
+from seedvr.models.dit_block import BlockContext, WindowKind
+from seedvr.models.dit_layers import MLP_TYPES, PatchIn, TimeEmbedding
 from seedvr.models.rope import RopePositions
 from seedvr.models.window import WindowPacking, check_window_method, pack_windows
 
@@ -74,6 +75,28 @@ class NaDiTBase(nn.Module):
         # float32 attention (the goldens' `vid_sample`); on: the official rounding (`vid_sample_bf16qkv`).
         self.round_qkv_to_bf16 = False
         self.block_offload = None  # a seedvr.models.block_offload.BlockOffload: blocks visit the device in turn
+
+    def _build_trunk(self, *, vid_in_channels: int, vid_dim: int, txt_in_dim: int, txt_dim: int, emb_dim: int,
+                     norm: str, qk_norm: str, ada: str, mlp_type: str, patch_size, num_layers: int, block_type,
+                     window, window_method) -> list[WindowKind]:
+        """Check the options both DiTs share and build what comes before the blocks (patch, text and time
+        embeddings); return each layer's window kind (method, (nt, nh, nw))."""
+        if txt_dim != vid_dim:
+            raise ValueError(f"txt_dim ({txt_dim}) must equal vid_dim ({vid_dim})")
+        if emb_dim != 6 * vid_dim:
+            raise ValueError(f"emb_dim ({emb_dim}) must be 6 * vid_dim ({6 * vid_dim}) for ada 'single'")
+        check_choice("norm", norm, ["fusedrms"])
+        check_choice("qk_norm", qk_norm, ["fusedrms"])
+        check_choice("ada", ada, ["single"])
+        check_choice("mlp_type", mlp_type, list(MLP_TYPES))
+        check_block_types(block_type, num_layers)
+        kinds = list(zip(per_layer_methods(window_method, num_layers), per_layer_windows(window, num_layers)))
+        self.patch_size = check_patch_size(patch_size)
+
+        self.vid_in = PatchIn(vid_in_channels, vid_dim, self.patch_size)
+        self.txt_in = torch.nn.Linear(txt_in_dim, txt_dim)
+        self.emb_in = TimeEmbedding(vid_dim, emb_dim)
+        return kinds
 
     def rope_positions(self, packing: WindowPacking, vid_lengths: list[int]) -> RopePositions:
         raise NotImplementedError
