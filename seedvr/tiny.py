@@ -21,8 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from seedvr import paths
-from seedvr.models.dit3b import NaDiT3B
-from seedvr.models.dit7b import NaDiT7B
+from seedvr.loader import DIT_CLASSES
 from seedvr.models.vae import VideoAutoencoder
 
 # The same overrides as the official tiny goldens (../shared/reference/README.md), except that both DiTs
@@ -35,7 +34,6 @@ DIT_OVERRIDES = {
            "num_layers": 4, "txt_in_dim": TEXT_CHANNELS},
 }
 VAE_OVERRIDES = {"block_out_channels": [8, 16, 24, 24], "norm_num_groups": 4}
-DIT_CLASSES = {"3b": NaDiT3B, "7b": NaDiT7B}
 POSITIVE_TOKENS, NEGATIVE_TOKENS = 58, 64  # the lengths of the official pos_emb.pt / neg_emb.pt
 
 
@@ -71,7 +69,7 @@ def write(root: Path, seed: int = 0) -> None:
         (root / f"configs_{size}").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, root / f"configs_{size}" / "main.yaml")
         for checkpoint in config.dit.checkpoints.values():
-            dit = DIT_CLASSES[size](**OmegaConf.to_container(config.dit.kwargs))
+            dit = DIT_CLASSES[config.dit.architecture](**OmegaConf.to_container(config.dit.kwargs))
             randomise(dit, generator)
             torch.save(dit.state_dict(), ckpts / checkpoint)
 
