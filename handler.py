@@ -3,47 +3,71 @@
     python handler.py                                   # runs test_input.json once
     python handler.py --rp_serve_api --rp_api_port 8000 # local API server (/run, /runsync)
 
-Every failure is answered as {"error": "<CODE>: <message>"}; the traceback goes
-to the log only, and the worker keeps serving.
+The settings and the machine are checked before the first job (seedvr.serving.fitness): a bad setting
+stops the worker at start. Every failure of a job is answered as {"error": "<CODE>: <message>"}; the
+traceback goes to the log only, and the worker keeps serving.
 """
 
 import logging
 import os
+import sys
 
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-from seedvr import actions
+from seedvr import settings
 from seedvr.errors import INTERNAL, RestoreError
-from seedvr.schema import parse_request
+from seedvr.serving import fitness, jobs
+from seedvr.serving.health import health
+from seedvr.serving.logs import install, job_logging
+from seedvr.serving.model_holder import ModelHolder
+from seedvr.serving.progress import runpod_sink
+from seedvr.serving.schema import HealthRequest, InitializeRequest, RestoreRequest, parse_request
 
 DEBUG = os.environ.get("RUNPOD_DEBUG") == "1"
-# force: runpod's upload module configures the root logger when it is imported
-logging.basicConfig(level=logging.DEBUG if DEBUG else logging.INFO, force=True,
-                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+install(logging.DEBUG if DEBUG else logging.INFO)
 if DEBUG:
     RunPodLogger().set_level("DEBUG")
 log = logging.getLogger("seedvr.handler")
 
-ACTIONS = {
-    "health": actions.health,
-    "initialize": actions.initialize,
-    "restore": actions.restore,
-}
+HOLDER = ModelHolder()  # the worker's one warm model
 
 
 def handler(job: dict) -> dict:
-    job_id = job.get("id", "?")
-    try:
-        request = parse_request(job.get("input"))
-        return ACTIONS[request.action](request, job)
-    except RestoreError as error:
-        log.warning("job %s failed: %s", job_id, error)
-        return {"error": str(error)}
-    except Exception:
-        log.exception("job %s failed with an unexpected error", job_id)
-        return {"error": f"{INTERNAL}: the worker hit an unexpected error; details are in the worker log (job {job_id})"}
+    job_id = str(job.get("id", "local"))
+    with job_logging(job_id):
+        try:
+            request = parse_request(job.get("input"))
+            if isinstance(request, HealthRequest):
+                return health(HOLDER)
+            if isinstance(request, InitializeRequest):
+                return jobs.initialize(request, HOLDER)
+            assert isinstance(request, RestoreRequest)
+            return jobs.restore(request, jobs.JobContext(job_id, runpod_sink(job)), HOLDER)
+        except RestoreError as error:
+            log.warning("job failed: %s", error)
+            return {"error": str(error)}
+        except settings.SettingsError as error:
+            log.error("job failed on a setting: %s", error)
+            return {"error": f"{INTERNAL}: the worker is misconfigured: {error}"}
+        except Exception:
+            log.exception("job failed with an unexpected error")
+            return {"error": f"{INTERNAL}: the worker hit an unexpected error; details are in the worker log "
+                             f"(job {job_id})"}
+
+
+def main() -> None:
+    problems = fitness.problems()
+    if problems:
+        for problem in problems:
+            log.error("the worker cannot start: %s", problem)
+        sys.exit(1)
+    for name in settings.unknown_variables(dict(os.environ)):
+        log.warning("unknown setting %s is ignored", name)
+    for check in fitness.CHECKS:  # RunPod runs them again in production and marks a failing worker unhealthy
+        runpod.serverless.register_fitness_check(check)
+    runpod.serverless.start({"handler": handler})
 
 
 if __name__ == "__main__":
-    runpod.serverless.start({"handler": handler})
+    main()

@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from seedvr.delivery import deliver
-from seedvr.inputs import gather_inputs
-from seedvr.media.ffmpeg import ffmpeg_exe
-from seedvr.media.video import iter_frames
-from seedvr.outputs import video_writer
-from seedvr.schema import parse_request
+from seedvr.io.delivery import deliver
+from seedvr.io.inputs import gather_inputs
+from seedvr.io.media.ffmpeg import ffmpeg_exe
+from seedvr.io.media.video import iter_frames
+from seedvr.io.outputs import video_writer
+from seedvr.serving.schema import parse_request
 
 
 def make_clip(path: Path, seconds: float, size: str, bitrate: str, noise: int = 0) -> Path:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from seedvr import tiny
-from seedvr.loader import build_models, compute_dtype
-from seedvr.pipeline import SeedVR2
+from seedvr.tools import tiny
+from seedvr.engine.loader import build_models, compute_dtype
+from seedvr.engine.pipeline import SeedVR2
 
 PHASES = ("preprocess", "vae_encode", "dit", "vae_decode", "postprocess")
 

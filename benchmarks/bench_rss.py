@@ -30,7 +30,7 @@ RUNNER = """
 import base64, json, sys
 from pathlib import Path
 import handler
-from seedvr.media.video import probe_video
+from seedvr.io.media.video import probe_video
 job = json.loads(Path(sys.argv[1]).read_text())
 answer = handler.handler(job)
 summary = {"error": answer.get("error")}

@@ -1,4 +1,4 @@
-"""Load time of the official .pth checkpoints against the bf16 .safetensors that `seedvr.weights convert` writes.
+"""Load time of the official .pth checkpoints against the bf16 .safetensors that `seedvr.tools.weights convert` writes.
 
     python benchmarks/bench_weights_load.py [--dit-layers 4] [--runs 7] [--dir /tmp/seedvr-bench]
 
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from seedvr import loader, weights
-from seedvr.checkpoint import load_strict, read_state_dict
+from seedvr.engine import loader
+
+from seedvr.tools import weights
+from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.models.vae import convert_legacy_vae_keys
 
 

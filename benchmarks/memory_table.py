@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from seedvr.memory_plan import (GIB, HEADROOM, Footprint, Wishes, candidates, choose, estimate,  # noqa: E402
+from seedvr.engine.memory_plan import (GIB, HEADROOM, Footprint, Wishes, candidates, choose, estimate,  # noqa: E402
                                 max_chunk_frames)
 
 GPUS_GB = (24, 48, 80)

@@ -1,7 +1,7 @@
-"""`python -m seedvr restore INPUT... -o OUTDIR [options]`: see seedvr/cli.py."""
+"""`python -m seedvr restore INPUT... -o OUTDIR [options]`: see seedvr/tools/cli.py."""
 
 import sys
 
-from seedvr.cli import main
+from seedvr.tools.cli import main
 
 sys.exit(main())

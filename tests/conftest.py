@@ -55,9 +55,9 @@ def tiny_handler(tiny_dir):
         import handler
 
         yield handler.handler
-    from seedvr import actions
+    from seedvr.serving import jobs
 
-    actions.HOLDER._release()
+    jobs.HOLDER._release()
 
 
 S3_BUCKET = "seedvr-results"

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from seedvr.checkpoint import (
+from seedvr.engine.checkpoint import (
     Mismatch,
     compare_with_manifest,
     load_strict,

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from media_factory import closest_pattern_frame, pattern_frames
-from seedvr.checkpoint import load_strict, read_state_dict
-from seedvr.chunking import CrossFader, chunk_weights, plan_chunks, positional_noise, restore_clip
+from seedvr.engine.checkpoint import load_strict, read_state_dict
+from seedvr.engine.chunking import CrossFader, chunk_weights, plan_chunks, positional_noise, restore_clip
 from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.vae import VideoAutoencoder
-from seedvr.pipeline import SeedVR2
+from seedvr.engine.pipeline import SeedVR2
 
 LAYOUTS = [(1, 5, 1), (5, 5, 1), (6, 5, 1), (30, 9, 1), (100, 21, 5), (121, 121, 9), (122, 121, 9), (50, 9, 6),
            (40, 13, 12), (17, 5, 0), (250, 33, 5)]

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from media_factory import make_image, make_video
-from seedvr.media.video import probe_video
+from seedvr.io.media.video import probe_video
 from worker_server import REPO_ROOT, make_job_tmp, tiny_environment
 
 

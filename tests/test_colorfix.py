@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seedvr.colorfix import color_fix, wavelet_blur, wavelet_decomposition
+from seedvr.engine.colorfix import color_fix, wavelet_blur, wavelet_decomposition
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import S3_BUCKET as BUCKET
-from seedvr.delivery import BUCKET_ENV_VARS, bucket_configured, deliver
+from seedvr.io.delivery import BUCKET_ENV_VARS, bucket_configured, deliver
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
 
 CREDENTIALS = {"BUCKET_ACCESS_KEY_ID": "test-key", "BUCKET_SECRET_ACCESS_KEY": "test-secret"}
@@ -160,7 +160,7 @@ def test_unreachable_endpoint_fails_fast_with_an_internal_error(bucket_env, vide
 
 def test_an_endpoint_that_never_answers_the_connect_times_out(bucket_env, video, monkeypatch):
     """A listener with a full backlog drops SYNs like a black-holed host; the connect timeout must cut it."""
-    monkeypatch.setattr("seedvr.delivery.CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("seedvr.io.delivery.CONNECT_TIMEOUT_S", 0.3)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seedvr import diffusion
+from seedvr.engine import diffusion
 
 
 @pytest.mark.parametrize("steps, expected", [(1, [1000.0]), (2, [1000.0, 500.0]), (4, [1000.0, 750.0, 500.0, 250.0])])

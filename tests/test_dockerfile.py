@@ -17,9 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from seedvr import delivery, schema, weights
-from seedvr.media import fetch
-from seedvr.media.payload import sniff_media
+from seedvr.io import delivery
+
+from seedvr.serving import schema
+
+from seedvr.tools import weights
+from seedvr.io.media import fetch
+from seedvr.io.media.payload import sniff_media
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from media_factory import make_audio_only, make_image, make_video, pattern_frames, write_video
-from seedvr.media.video import iter_frames, probe_video, read_frames
+from seedvr.io.media.video import iter_frames, probe_video, read_frames
 from worker_server import WorkerServer, make_job_tmp, tiny_environment
 
 

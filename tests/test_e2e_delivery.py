@@ -19,8 +19,8 @@ from PIL import Image
 
 from conftest import S3_BUCKET
 from media_factory import make_image, make_video
-from seedvr.media.payload import sniff_media
-from seedvr.media.video import probe_video
+from seedvr.io.media.payload import sniff_media
+from seedvr.io.media.video import probe_video
 from worker_server import WorkerServer, make_job_tmp, tiny_environment
 
 

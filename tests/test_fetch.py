@@ -1,4 +1,4 @@
-"""seedvr.media.fetch against real HTTP servers on loopback addresses (no mocks of requests)."""
+"""seedvr.io.media.fetch against real HTTP servers on loopback addresses (no mocks of requests)."""
 
 import shutil
 import socket
@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
-from seedvr.media import fetch
+from seedvr.io.media import fetch
 
 BODY = bytes(range(256)) * 40  # 10 240 bytes
 STALL_LIMIT_S = 5.0  # a stalling handler gives up after this, so the server never outlives a test by much

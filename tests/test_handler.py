@@ -11,7 +11,7 @@ import pytest
 
 import handler
 from media_factory import make_image
-from seedvr import actions
+from seedvr.serving import jobs
 from worker_server import REPO_ROOT, tiny_paths
 
 
@@ -52,7 +52,7 @@ def test_a_checkpoint_that_does_not_fit_names_file_and_key(tiny_env, tmp_path, m
         (ckpts / name).write_bytes((tiny_env / "ckpts" / name).read_bytes())
     (ckpts / "seedvr2_ema_3b.pth").write_bytes((tiny_env / "ckpts" / "seedvr2_ema_7b.pth").read_bytes())
     monkeypatch.setenv("SEEDVR_CKPT_DIR", str(ckpts))
-    actions.HOLDER._release()
+    jobs.HOLDER._release()
     error = run({"action": "initialize", "model_type": "seedvr2_3b"})["error"]
     assert error.startswith("MODEL_NOT_AVAILABLE: ") and "seedvr2_ema_3b.pth" in error
     assert "blocks." in error  # names a key
@@ -89,11 +89,11 @@ def test_concurrent_jobs_for_two_models_are_serialised(tiny_env, tmp_path):
 
 def test_switching_models_frees_the_old_one(tiny_env):
     assert "error" not in run({"action": "initialize", "model_type": "seedvr2_3b"})
-    old_dit = weakref.ref(actions.HOLDER.current.pipeline.dit)
+    old_dit = weakref.ref(jobs.HOLDER.current.pipeline.dit)
     assert "error" not in run({"action": "initialize", "model_type": "seedvr2_7b"})
     gc.collect()
     assert old_dit() is None
-    assert actions.HOLDER.describe()["model_type"] == "seedvr2_7b"
+    assert jobs.HOLDER.describe()["model_type"] == "seedvr2_7b"
 
 
 def test_runpod_debug_turns_on_verbose_logging():

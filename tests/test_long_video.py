@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from media_factory import closest_pattern_frame, pattern_frames, write_video
-from seedvr.media.video import iter_frames, probe_video
+from seedvr.io.media.video import iter_frames, probe_video
 from worker_server import REPO_ROOT
 
 

@@ -1,4 +1,4 @@
-"""seedvr.media: base64 payloads, sniffing, images and videos through Pillow and ffmpeg.
+"""seedvr.io.media: base64 payloads, sniffing, images and videos through Pillow and ffmpeg.
 
 All media are made on the spot by tests/media_factory.py (64x48, 5-10 frames).
 """
@@ -33,12 +33,12 @@ from media_factory import (
     write_video,
 )
 from seedvr.errors import INTERNAL, INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError
-from seedvr.media import payload
-from seedvr.media.ffmpeg import packet_timing
-from seedvr.media.image import read_image, write_image
-from seedvr.media.payload import (DECODE_CHUNK_CHARS, ENCODE_CHUNK_BYTES, MediaKind, check_forced_type, decode_base64,
+from seedvr.io.media import payload
+from seedvr.io.media.ffmpeg import packet_timing
+from seedvr.io.media.image import read_image, write_image
+from seedvr.io.media.payload import (DECODE_CHUNK_CHARS, ENCODE_CHUNK_BYTES, MediaKind, check_forced_type, decode_base64,
                                   encode_file_base64, sniff_media)
-from seedvr.media.video import VideoWriter, iter_frames, probe_video, read_frames
+from seedvr.io.media.video import VideoWriter, iter_frames, probe_video, read_frames
 
 PATTERN_TOLERANCE = 8.0  # largest mean-colour error of a frame after lossy codecs (measured: about 4)
 AUDIO_CASES = [name for name, case in VIDEO_CASES.items() if case.audio_codec]

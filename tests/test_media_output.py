@@ -3,7 +3,7 @@ crf, the NVENC choice, image quality, and the before/after picture.
 
 What each combination must give is written down here from the formats' own rules
 (container specs, ffmpeg's codec names, BT.709 limited-range levels), not read
-back from seedvr.media.encoders' tables.
+back from seedvr.io.media.encoders' tables.
 """
 
 import logging
@@ -26,10 +26,10 @@ from media_factory import (
     write_video,
 )
 from seedvr.errors import INTERNAL, RestoreError
-from seedvr.media import encoders
-from seedvr.media.compare import side_by_side
-from seedvr.media.ffmpeg import packet_timing
-from seedvr.media.encoders import (
+from seedvr.io.media import encoders
+from seedvr.io.media.compare import side_by_side
+from seedvr.io.media.ffmpeg import packet_timing
+from seedvr.io.media.encoders import (
     available_encoders,
     choose_encoder,
     container_extension,
@@ -42,9 +42,9 @@ from seedvr.media.encoders import (
     resolve_crf,
     video_encoder,
 )
-from seedvr.media.image import image_extension, image_mime, read_image, write_image
-from seedvr.media.payload import sniff_media
-from seedvr.media.video import VideoWriter, iter_frames, probe_video
+from seedvr.io.media.image import image_extension, image_mime, read_image, write_image
+from seedvr.io.media.payload import sniff_media
+from seedvr.io.media.video import VideoWriter, iter_frames, probe_video
 
 PATTERN_TOLERANCE = 8.0  # largest mean-colour error of a frame after lossy codecs
 FPS = Fraction(24000, 1001)

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from seedvr import memory_plan
-from seedvr.checkpoint import load_strict, read_state_dict
+from seedvr.engine import memory_plan
+from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.errors import INVALID_INPUT, RestoreError
-from seedvr.memory_plan import Estimate, Footprint, MemoryPlan, Wishes, candidates, choose, estimate
+from seedvr.engine.memory_plan import Estimate, Footprint, MemoryPlan, Wishes, candidates, choose, estimate
 from seedvr.models.block_offload import BlockOffload
 from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.vae import VideoAutoencoder
 from seedvr.models.vae_tiling import SpatialTiling, tile_starts
-from seedvr.pipeline import SeedVR2
-from seedvr.schema import parse_request
+from seedvr.engine.pipeline import SeedVR2
+from seedvr.serving.schema import parse_request
 
 GIB = 1024**3
 FULL_3B, FULL_7B = Footprint.full_size("seedvr2_3b"), Footprint.full_size("seedvr2_7b")

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from media_factory import pattern_frames, write_video
-from seedvr import actions, memory_plan
-from seedvr.media.video import probe_video
-from seedvr.memory_plan import Footprint, Wishes, candidates, estimate
+from seedvr.serving import jobs
+from seedvr.engine import memory_plan
+from seedvr.io.media.video import probe_video
+from seedvr.engine.memory_plan import Footprint, Wishes, candidates, estimate
 
 FRAMES, HEIGHT, WIDTH = 12, 48, 64
 SCALE = 1.3  # the simulated device needs 30% more than the plan estimated
@@ -42,7 +43,7 @@ def restore(handler, clip, tmp_path, **fields):
 
 
 def footprint() -> Footprint:
-    return Footprint.of(actions.HOLDER.current.pipeline)
+    return Footprint.of(jobs.HOLDER.current.pipeline)
 
 
 def smallest_peak(frames: int, size: tuple[int, int]) -> int:
@@ -72,7 +73,7 @@ def test_a_failed_attempt_keeps_nothing_alive():
 
         allocate(big)
 
-    result, failure = actions._out_of_memory(attempt)
+    result, failure = jobs._out_of_memory(attempt)
     assert result is None and failure == "CUDA out of memory. Tried to allocate 2.00 GiB"
     assert held[0]() is None  # gone at once: no traceback, frame or exception keeps it
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from seedvr.parity import main
+from seedvr.tools.parity import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CASES = ["preprocess", "colorfix", "vae_tiny", "dit3b_tiny", "dit7b_tiny", "pipeline_tiny"]

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from seedvr.checkpoint import load_strict, read_state_dict
+from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.vae import VideoAutoencoder
-from seedvr.pipeline import SeedVR2
-from seedvr.preprocess import output_size
+from seedvr.engine.pipeline import SeedVR2
+from seedvr.engine.preprocess import output_size
 
 STAGE_ATOL = 1e-4
 

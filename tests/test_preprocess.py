@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seedvr.preprocess import (
+from seedvr.engine.preprocess import (
     area_resize,
     center_crop,
     output_size,

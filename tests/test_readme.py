@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from seedvr.schema import describe, parse_request
+from seedvr.serving.schema import describe, parse_request
 from worker_server import REPO_ROOT, make_job_tmp, tiny_environment
 
 README = (REPO_ROOT / "README.md").read_text()

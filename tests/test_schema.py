@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from seedvr import schema
+from seedvr.serving import schema
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
-from seedvr.schema import REQUIRED, HealthRequest, InitializeRequest, RestoreRequest, parse_request
+from seedvr.serving.schema import REQUIRED, HealthRequest, InitializeRequest, RestoreRequest, parse_request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

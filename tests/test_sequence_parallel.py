@@ -18,10 +18,13 @@ import psutil
 import pytest
 import torch
 
-from seedvr import loader, tiny
+from seedvr.engine import loader
+
+from seedvr.tools import tiny
 from seedvr.errors import RestoreError
-from seedvr.parallel import SequenceParallelError, SequenceParallelGroup, TokenShard
-from seedvr.parallel.vae_context import plan_pieces
+from seedvr.spgroup.group import SequenceParallelError, SequenceParallelGroup
+from seedvr.distributed.tokens import TokenShard
+from seedvr.distributed.vae_context import plan_pieces
 
 DIT_ATOL = 1e-4
 SP = 2
@@ -272,7 +275,7 @@ def test_close_leaves_no_process(groups):
 
 DRIVER = """
 import json, time
-from seedvr.parallel import SequenceParallelGroup
+from seedvr.spgroup.group import SequenceParallelGroup
 if __name__ == "__main__":
     group = SequenceParallelGroup("seedvr2_7b", "normal", 2, device_kind="cpu")
     print(json.dumps(group.pids), flush=True)

@@ -28,8 +28,12 @@ from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from seedvr import loader, tiny, weights
-from seedvr.checkpoint import load_strict, read_state_dict
+from seedvr.engine import loader
+
+from seedvr.tools import tiny
+
+from seedvr.tools import weights
+from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.errors import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -306,7 +310,7 @@ def test_an_unreachable_hub_fails_within_two_seconds(tiny_dir, tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    timed = ("import time\nfrom seedvr import weights\nfrom seedvr.errors import CheckpointError\n"
+    timed = ("import time\nfrom seedvr.tools import weights\nfrom seedvr.errors import CheckpointError\n"
              "start = time.monotonic()\ntry:\n    weights.download('seedvr2_3b')\nexcept CheckpointError as error:\n"
              "    print(f'{time.monotonic() - start:.3f}'); print(error)\n")
     env = cli_env(tiny_dir, tmp_path, f"http://127.0.0.1:{closed_port}")
@@ -325,7 +329,7 @@ def test_offline_mode_fails_at_once_without_a_request(tiny_dir, hub, tmp_path):
 
 
 def test_the_worker_downloads_a_missing_model_on_first_use(tiny_dir, hub, tmp_path):
-    first_use = ("from seedvr.model_holder import ModelHolder\n"
+    first_use = ("from seedvr.serving.model_holder import ModelHolder\n"
                  "model = ModelHolder().ensure('seedvr2_3b')\nprint(model.model_type, model.random_weights)\n")
     env = cli_env(tiny_dir, tmp_path, hub.endpoint, SEEDVR_AUTO_DOWNLOAD="1")
     result = subprocess.run([sys.executable, "-c", first_use], cwd=REPO_ROOT, env=env, capture_output=True, text=True,

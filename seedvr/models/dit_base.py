@@ -16,7 +16,7 @@ from seedvr.models.rope import RopePositions
 from seedvr.models.window import WindowPacking, check_window_method, pack_windows
 
 if TYPE_CHECKING:
-    from seedvr.parallel import SequenceParallel
+    from seedvr.distributed.comm import SequenceParallel
 
 
 def check_choice(name: str, value, allowed: Sequence) -> None:
@@ -125,7 +125,7 @@ class NaDiTBase(nn.Module):
         """vid [sum T*H*W, C_in] packed latents, txt [sum l, txt_in_dim], vid_shape [B, 3] (T, H, W),
         txt_shape [B, 1], timestep [B] -> vid_sample [sum T*H*W, C_out] in the compute dtype.
 
-        sp: split the tokens over this process's sequence-parallel group (seedvr.parallel, SEEDVR2_SPEC 5);
+        sp: split the tokens over this process's sequence-parallel group (seedvr.distributed, SEEDVR2_SPEC 5);
         every rank passes the whole input and receives the whole output.
         """
         shapes, txt_lengths = self._check_inputs(vid, txt, vid_shape, txt_shape, timestep)

@@ -12,7 +12,7 @@ from seedvr.models.rope import RopePositions
 from seedvr.models.window import WindowPacking
 
 if TYPE_CHECKING:
-    from seedvr.parallel import TokenShard
+    from seedvr.distributed.tokens import TokenShard
 
 WindowKind = tuple[str, tuple[int, int, int]]  # (window_method, num_windows)
 

@@ -21,7 +21,7 @@ from seedvr.models.vae_blocks import Decoder3D, Encoder3D
 from seedvr.models.vae_tiling import SpatialTiling
 
 if TYPE_CHECKING:
-    from seedvr.parallel import SequenceParallel
+    from seedvr.distributed.comm import SequenceParallel
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -122,7 +122,7 @@ class VideoAutoencoder(nn.Module):
     def encode(self, x: Tensor, sp: "SequenceParallel | None" = None) -> tuple[Tensor, Tensor]:
         """Video (B, C, T, H, W), T = 4k + 1 -> mean, logvar (B, 16, k + 1, H/8, W/8), logvar clamped.
 
-        sp: run context parallel over this process's sequence-parallel group (seedvr.parallel); every
+        sp: run context parallel over this process's sequence-parallel group (seedvr.distributed); every
         rank passes the whole clip and receives the whole result.
         """
         if x.ndim != 5:

@@ -1,0 +1,292 @@
+"""One-step SeedVR2 restoration of a clip or an image, as the official inference script runs it.
+
+    frames (f, H, W, 3) uint8
+      -> preprocess (3, f, Hc, Wc) in [-1, 1] -> pad to f_pad = 4k+1 frames
+      -> VAE encode -> posterior sample · scaling -> cond latent (t, h, w, 16)
+      -> Euler sampling of the DiT from noise at t = 1000 (one step: x_0 = noise − v)
+      -> VAE decode (3, f_pad, Hc, Wc) -> first f frames -> colour fix against the input -> uint8 (f, Hc, Wc, 3)
+
+Shapes: f frames, t h w the latent grid (t = (f_pad − 1)/4 + 1, h = Hc/8, w = Wc/8), l = t·h·w tokens.
+Precision: float32 throughout on CPU. With bf16 on CUDA (the official runs): the models already hold their
+compute precision (the loader does that), the VAE works in bf16, eps/noise are drawn in bf16, the sampler
+state and x_0 stay float32, and the colour fix runs its content branch in bf16.
+"""
+
+import itertools
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+from seedvr.engine import diffusion, memory_plan
+from seedvr.engine.colorfix import METHODS as COLOR_FIX_METHODS
+from seedvr.engine.colorfix import color_fix as apply_color_fix
+from seedvr.engine.memory_plan import Footprint, MemoryPlan, tile_overlap
+from seedvr.engine.preprocess import pad_frames, preprocess, to_uint8
+from seedvr.engine.restorer import Frames, LatentShape, Sampling, latent_shape
+from seedvr.models.attention import resolve_backend
+from seedvr.models.block_offload import BlockOffload
+from seedvr.models.dit_base import NaDiTBase
+from seedvr.models.vae import VideoAutoencoder
+from seedvr.models.vae_tiling import SpatialTiling
+
+if TYPE_CHECKING:
+    from seedvr.distributed.comm import SequenceParallel
+
+POSTPROCESS_CHUNK = 8  # frames colour-fixed and quantised at a time (bounds the temporary memory)
+
+
+class SeedVR2:
+    """The restoration pipeline around a loaded DiT (3B or 7B) and the VAE; a `Restorer`.
+
+    dit, vae: already on `device` in their compute precision. pos_emb, neg_emb: (tokens, txt_in_dim)
+    text embeddings; the negative one is used only when cfg_scale != 1. sp: this process's place in a
+    sequence-parallel group (the rank processes of seedvr.spgroup pass theirs); the DiT and the VAE then
+    split their work over it. random_weights: the weights are a plumbing check (seedvr.tools.tiny).
+    """
+
+    def __init__(self, dit: NaDiTBase, vae: VideoAutoencoder, pos_emb: torch.Tensor, neg_emb: torch.Tensor, *,
+                 device: torch.device | str, dtype: torch.dtype = torch.float32, scaling_factor: float = 0.9152,
+                 shifting_factor: float = 0.0, sp: "SequenceParallel | None" = None, random_weights: bool = False):
+        self._device = torch.device(device)
+        if dtype != torch.float32 and self._device.type != "cuda":
+            raise ValueError(f"{dtype} needs a CUDA device; on {self._device} the pipeline runs in float32")
+        self._dtype = dtype
+        self.dit = dit
+        self.vae = vae
+        self.sp = sp
+        self._random_weights = random_weights
+        # Stored bf16 officially; the official sampler casts them to the DiT's float32 parameter dtype.
+        self.pos_emb = pos_emb.to(self.device, torch.float32)
+        self.neg_emb = neg_emb.to(self.device, torch.float32)
+        self.scaling_factor = scaling_factor
+        self.shifting_factor = shifting_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def random_weights(self) -> bool:
+        return self._random_weights
+
+    @property
+    def attention_backend(self) -> str:
+        return self.dit.attention_backend
+
+    def set_attention_backend(self, name: str) -> None:
+        resolve_backend(name)  # ValueError when this machine cannot run it
+        self.dit.attention_backend = name
+
+    def latent_shape(self, frames: int, height: int, width: int) -> LatentShape:
+        return latent_shape(frames, height, width, self.vae.spatial_downsample_factor, self.vae.latent_channels)
+
+    def footprint(self) -> Footprint:
+        return memory_plan.measure_footprint(self.dit, self.vae, self.dtype)
+
+    def resident_weight_bytes(self) -> int:
+        return memory_plan.resident_bytes((self.dit, self.vae), self.device)
+
+    def close(self) -> None:
+        """Nothing to stop in one process: the weights go when the last reference does."""
+        if self.dit.block_offload is not None:
+            self.dit.block_offload.close()
+            self.dit.block_offload = None
+
+    def apply_plan(self, plan: MemoryPlan) -> None:
+        """Set the models up as a memory plan says (seedvr.engine.memory_plan): the VAE's exact temporal slicing and
+        conv splitting, its opt-in spatial tiles, DiT block offload. Chunking is the caller's (seedvr.engine.chunking)."""
+        self.vae.temporal_chunk = plan.vae_temporal_chunk
+        self.vae.conv_max_bytes = plan.vae_conv_max_bytes
+        self.vae.tiling = None if plan.vae_tile is None else SpatialTiling(plan.vae_tile, tile_overlap(plan.vae_tile))
+        offload = self.dit.block_offload
+        if plan.dit_offload and offload is None:
+            self.dit.block_offload = BlockOffload(self.dit.blocks, self.device)
+        elif not plan.dit_offload and offload is not None:
+            offload.close()
+            self.dit.block_offload = None
+
+    @torch.inference_mode()
+    def restore(self, frames: Frames, *, res_h: int, res_w: int, sampling: Sampling = Sampling(),
+                eps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                timings: dict[str, float] | None = None, stages: dict[str, torch.Tensor] | None = None,
+                on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
+        """uint8 (f, H, W, 3) frames (torch or numpy) -> restored uint8 (f, Hc, Wc, 3) on CPU.
+
+        res_h x res_w: the area the output aims at (seedvr.engine.preprocess.output_size).
+        sampling.seed: a per-request generator, drawn in the official order (posterior eps, x_T noise, unused
+        aug noise).
+        eps (1, 16, t, h, w) / noise (t, h, w, 16): injected instead of the drawn ones (the draws still happen).
+        timings: filled with seconds per phase. stages: filled with float32 CPU copies of the intermediates,
+        named as in the golden pipeline_tiny (costs memory; for tests and debugging).
+        on_phase: called with each phase's name as it starts (progress reporting).
+        """
+        if sampling.color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"unknown color_fix {sampling.color_fix!r}; must be one of "
+                             f"{', '.join(COLOR_FIX_METHODS)}")
+        timesteps = diffusion.uniform_trailing_timesteps(sampling.sample_steps, device=self.device)
+        record = _StageRecorder(stages)
+        phase = _PhaseTimer(self.device, timings, on_phase)
+        generator = torch.Generator(self.device).manual_seed(sampling.seed)
+
+        with phase("preprocess"):
+            video = preprocess(frames, res_h, res_w, device=self.device)  # (3, f, Hc, Wc) float32
+            record("preprocessed", video)
+            encode_input = pad_frames(video)  # (3, f_pad, Hc, Wc)
+            record("vae_encode_input", encode_input)
+        with phase("vae_encode"):
+            cond_latent = self._encode(encode_input, generator, eps, record)  # (t, h, w, 16)
+            del encode_input
+            x_T = _draw_like_latent(cond_latent, generator)
+            _draw_like_latent(cond_latent, generator)  # the official aug noise: drawn, then scaled by 0
+            if noise is not None:
+                x_T = _injected(noise, cond_latent, "noise")
+            record("noise", x_T)
+        with phase("dit"):
+            sample = self._sample(cond_latent, x_T, timesteps, sampling.cfg_scale, sampling.cfg_rescale,
+                                  record)  # (t, h, w, 16)
+            del cond_latent, x_T
+        with phase("vae_decode"):
+            decoded = self._decode(sample)  # (3, f_pad, Hc, Wc)
+            record("decoded", decoded)
+            del sample
+        with phase("postprocess"):
+            return self._postprocess(decoded, video, sampling.color_fix, record)
+
+    def _encode(self, encode_input, generator, eps, record) -> torch.Tensor:
+        """(3, f_pad, Hc, Wc) -> cond latent (t, h, w, 16) = posterior sample · scaling (VAE dtype)."""
+        mean, logvar = self.vae.encode(encode_input[None], sp=self.sp)  # (1, 16, t, h, w) each
+        std = torch.exp(0.5 * logvar)
+        del logvar
+        record("posterior_mean", mean)
+        record("posterior_std", std)
+        drawn = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        eps = drawn if eps is None else _injected(eps, mean, "eps")
+        record("eps_posterior", eps)
+        latent = mean + std * eps
+        del mean, std, eps, drawn
+        # Channels-last view of channels-first memory, as the official rearrange leaves it: the x_T noise is
+        # drawn "like" this tensor, and the generator fills such a layout differently from a contiguous one.
+        cond_latent = (latent[0].permute(1, 2, 3, 0) - self.shifting_factor) * self.scaling_factor
+        record("cond_latent", cond_latent)
+        return cond_latent
+
+    def _sample(self, cond_latent, x_T, timesteps, cfg_scale, cfg_rescale, record) -> torch.Tensor:
+        """Euler sampling of x_0 (t, h, w, 16) float32 from x_T, conditioned on [cond latent | 1]."""
+        grid = cond_latent.shape[:3]
+        condition = torch.cat([cond_latent, torch.ones_like(cond_latent[..., :1])], dim=-1)  # (t, h, w, 17)
+        record("condition", condition)
+        condition = condition.flatten(0, 2).float()  # (l, 17)
+        vid_shape = torch.tensor([grid], dtype=torch.int64, device=self.device)
+        dit_calls = itertools.count()  # index of each DiT call, for the stage names
+
+        def velocity_with(txt: torch.Tensor) -> diffusion.VelocityFn:
+            txt_shape = torch.tensor([[txt.shape[0]]], dtype=torch.int64, device=self.device)
+
+            def velocity(x_t: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+                inputs = dict(vid=torch.cat([x_t, condition], dim=-1), txt=txt, vid_shape=vid_shape,
+                              txt_shape=txt_shape, timestep=t.reshape(1))
+                v = self.dit(**inputs, sp=self.sp)  # (l, 16)
+                call = next(dit_calls)
+                for name, value in (*inputs.items(), ("out", v)):
+                    record(f"dit{call}_{name}", value)
+                return v
+
+            return velocity
+
+        velocity = diffusion.guided_velocity(velocity_with(self.pos_emb), velocity_with(self.neg_emb),
+                                             cfg_scale, cfg_rescale)
+        record("timesteps", timesteps)
+        x_0 = diffusion.sample_euler(velocity, x_T.flatten(0, 2).float(), timesteps)  # (l, 16) float32
+        sample = x_0.unflatten(0, grid)
+        record("sample_latent", sample)
+        return sample
+
+    def _decode(self, sample) -> torch.Tensor:
+        """x_0 (t, h, w, 16) -> video (3, f_pad, Hc, Wc) in the VAE dtype."""
+        latent = sample.to(self.vae.dtype) / self.scaling_factor + self.shifting_factor
+        return self.vae.decode(latent.permute(3, 0, 1, 2)[None], sp=self.sp)[0]
+
+    def _postprocess(self, decoded, video, color_fix, record) -> torch.Tensor:
+        """Colour fix of the first f decoded frames against the preprocessed input; uint8 (f, Hc, Wc, 3) on CPU."""
+        num_frames, height, width = video.shape[1:]
+        decoded = decoded[:, :num_frames]  # drop the 4k+1 padding frames
+        restored = torch.empty((num_frames, height, width, 3), dtype=torch.uint8)
+        for start in range(0, num_frames, POSTPROCESS_CHUNK):
+            chunk = slice(start, start + POSTPROCESS_CHUNK)
+            content = decoded[:, chunk].transpose(0, 1)  # (n, 3, Hc, Wc)
+            style = video[:, chunk].transpose(0, 1)
+            corrected = apply_color_fix(content, style, color_fix)
+            restored[chunk] = to_uint8(corrected).cpu()
+            record("colorfix_content", content, append=True)
+            record("colorfix_style", style, append=True)
+            record("color_corrected", corrected, append=True)
+        record("final_uint8", restored)
+        return restored
+
+
+def _draw_like_latent(latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A standard normal with the latent's shape, dtype and memory layout (the official randn_like)."""
+    return torch.empty_like(latent, memory_format=torch.preserve_format).normal_(generator=generator)
+
+
+def _injected(tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(tensor)
+    if tensor.shape != like.shape:
+        raise ValueError(f"injected {name} must have shape {tuple(like.shape)}, got {tuple(tensor.shape)}")
+    return tensor.to(like.device, like.dtype)
+
+
+class _StageRecorder:
+    """Keeps float32 CPU copies of intermediate tensors in `stages` (does nothing when it is None)."""
+
+    def __init__(self, stages: dict | None):
+        self.stages = stages
+        self.appended = set()  # names recorded in pieces during this run
+
+    def __call__(self, name: str, tensor: torch.Tensor, append: bool = False) -> None:
+        """Record `tensor` under `name`; with append, concatenate it to what this run recorded before."""
+        if self.stages is None:
+            return
+        dtype = tensor.dtype if tensor.dtype in (torch.int64, torch.uint8) else torch.float32
+        copy = tensor.detach().to("cpu", dtype, copy=True)
+        if append and name in self.appended:
+            copy = torch.cat([self.stages[name], copy])
+        elif append:
+            self.appended.add(name)
+        self.stages[name] = copy.contiguous()
+
+
+class _PhaseTimer:
+    """Context manager per phase; adds its wall time in seconds to `timings` (synchronising CUDA) and tells
+    `on_start` the phase's name as it begins."""
+
+    def __init__(self, device: torch.device, timings: dict | None, on_start=None):
+        self.device = device
+        self.timings = timings
+        self.on_start = on_start
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.on_start is not None:
+            self.on_start(name)
+        if self.timings is None:
+            yield
+            return
+        self._synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

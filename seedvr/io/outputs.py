@@ -1,0 +1,72 @@
+"""Restored media out: encode per the request's options, the before/after image, delivery.
+
+A video is encoded while its frames arrive (`video_writer`), so a long clip is
+never held whole; an image is written at once. Each result is then delivered
+inline (base64 / data URI) or uploaded to the configured bucket.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from seedvr.io.delivery import Delivered, DeliverySpec, deliver
+from seedvr.io.inputs import InputItem
+from seedvr.io.media.compare import side_by_side
+from seedvr.io.media.encoders import container_extension, container_for, container_mime
+from seedvr.io.media.image import image_extension, image_mime, write_image
+from seedvr.io.media.video import VideoWriter
+
+
+@dataclass(frozen=True)
+class VideoEncoding:
+    codec: str = "h264"
+    crf: int | None = None  # None: the codec's default
+    pix_fmt: str = "yuv420p"
+    container: str | None = None  # None: the codec's usual one
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    format: str = "png"
+    quality: int = 95  # jpeg / webp
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    path: Path
+    mime: str
+
+
+def video_writer(encoding: VideoEncoding, item: InputItem, workdir: Path, width: int,
+                 height: int) -> tuple[VideoWriter, OutputFile]:
+    """An open writer for item's restored frames, with the source's rate and audio."""
+    assert item.video is not None and item.fps is not None, "a video item carries its probe"
+    container = container_for(encoding.codec, encoding.container)
+    output = OutputFile(workdir / f"restored{item.index}.{container_extension(container)}", container_mime(container))
+    audio = item.path if item.video.has_audio else None
+    writer = VideoWriter(output.path, width, height, item.fps, audio_source=audio, codec=encoding.codec,
+                         crf=encoding.crf, pix_fmt=encoding.pix_fmt, container=container)
+    return writer, output
+
+
+def write_restored_image(encoding: ImageEncoding, item: InputItem, restored: np.ndarray,
+                         workdir: Path) -> OutputFile:
+    """uint8 (H, W, 3) -> the requested image format; the input's alpha plane is resized and put back."""
+    assert item.image is not None, "an image item carries its decoded pixels"
+    output = OutputFile(workdir / f"restored{item.index}.{image_extension(encoding.format)}",
+                        image_mime(encoding.format))
+    write_image(restored, item.image.alpha, output.path, format=encoding.format, quality=encoding.quality)
+    return output
+
+
+def write_comparison(before: np.ndarray, after: np.ndarray, index: int, workdir: Path) -> OutputFile:
+    """The input frame (resized) beside the restored one, as a PNG."""
+    output = OutputFile(workdir / f"compare{index}.png", "image/png")
+    write_image(side_by_side(before, after), None, output.path, format="png")
+    return output
+
+
+def deliver_output(spec: DeliverySpec, output: OutputFile, job_id: str) -> Delivered:
+    return deliver(output.path, mode=spec.mode, job_id=job_id, mime=output.mime,
+                   return_data_uri=spec.return_data_uri)

@@ -1,0 +1,223 @@
+"""One job, top to bottom: initialize, or restore = validate -> gather -> size -> plan/retry -> restore ->
+encode -> deliver -> answer.
+
+Everything that can be checked without the model (the request, the model it resolves to, every item's bytes,
+every output size) is checked before the model is touched; each job works in its own temporary folder,
+removed on every path. No stage calls back into an earlier one.
+"""
+
+import gc
+import itertools
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from seedvr import settings
+from seedvr.engine import chunking, memory_plan
+from seedvr.engine.sizing import ItemSize, item_size
+from seedvr.errors import OUT_OF_MEMORY, RestoreError
+from seedvr.io.inputs import InputItem, gather_inputs
+from seedvr.io.media.video import iter_frames
+from seedvr.io.outputs import OutputFile, deliver_output, video_writer, write_comparison, write_restored_image
+from seedvr.serving.answer import ItemResult, initialize_answer, restore_answer
+from seedvr.serving.model_holder import LoadedModel, ModelHolder
+from seedvr.serving.progress import Progress, ProgressSink
+from seedvr.serving.schema import InitializeRequest, RestoreRequest
+from seedvr.serving.specs import RestoreSpec, model_choice, restore_spec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Who asked: the job's id (for object keys and logs) and where its progress goes."""
+
+    job_id: str = "local"
+    progress_sink: ProgressSink | None = None
+
+
+def initialize(request: InitializeRequest, holder: ModelHolder) -> dict:
+    model = holder.ensure(holder.resolve(model_choice(request)))
+    return initialize_answer(model)
+
+
+def sizes_of(spec: RestoreSpec, items: list[InputItem]) -> list[ItemSize]:
+    """Every item's output size, computed once (INVALID_INPUT for one that is too small)."""
+    max_area = settings.current().max_output_area
+    return [item_size(spec.size, item.height, item.width, max_area) for item in items]
+
+
+def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -> dict:
+    spec = restore_spec(request)
+    model_spec = holder.resolve(spec.model)  # a bad model choice fails before any download or decode
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="seedvr-job-") as tmp:
+        workdir = Path(tmp)
+        items = gather_inputs(spec.media, workdir)
+        sizes = sizes_of(spec, items)
+        progress = Progress(sum(item.frame_count for item in items), context.progress_sink)
+        progress.phase("load_model")
+
+        def run_items() -> tuple[LoadedModel, list[ItemResult]]:
+            with holder.use(model_spec) as model:
+                results = []
+                for item, size in zip(items, sizes):
+                    result = restore_item(model, spec, item, size, workdir, progress)
+                    results.append(deliver(spec, result, context.job_id, progress))
+                return model, results
+
+        done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
+        if done is None:
+            _free_device_memory()
+            log.warning("CUDA out of memory outside the memory plan: %s", failure)
+            raise RestoreError(OUT_OF_MEMORY, "the GPU ran out of memory for this input; lower res_h/res_w, send "
+                                              "a shorter clip or use seedvr2_3b")
+        model, results = done
+    return restore_answer(spec, model, results, time.perf_counter() - started)
+
+
+def _source(item: InputItem, timings: dict[str, float], keep_index: int, kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """The item's frames, decoded as they are asked for (the time it takes goes to timings["decode"]);
+    a copy of frame `keep_index` is appended to `kept`."""
+    if item.image is not None:
+        frames: Iterator[np.ndarray] = iter([item.image.rgb])
+    else:
+        assert item.video is not None
+        frames = iter_frames(item.path, item.video, field=item.field)
+    try:
+        for index in itertools.count():
+            started = time.perf_counter()
+            frame = next(frames, None)
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
+            if frame is None:
+                return
+            if index == keep_index:
+                kept.append(frame.copy())
+            yield frame
+    finally:
+        if hasattr(frames, "close"):
+            frames.close()  # stops the decoder when a failed attempt leaves early
+
+
+def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: ItemSize, plan: memory_plan.MemoryPlan,
+              guess: memory_plan.Estimate, workdir: Path, progress: Progress,
+              timings: dict[str, float]) -> tuple[OutputFile, OutputFile | None]:
+    """Restore and encode one item under `plan`, frames streaming from the decoder through the model into
+    the encoder. Returns (output file, comparison file or None)."""
+    restorer = model.restorer
+    restorer.apply_plan(plan)
+    middle = item.frame_count // 2
+    before: list[np.ndarray] = []
+    after: np.ndarray | None = None
+    encoding = False  # whether the "encode" phase was reported since the model's last phase
+
+    def on_phase(name: str) -> None:
+        nonlocal encoding
+        progress.phase(name)
+        encoding = False
+        memory_plan.check_simulated(guess, name)
+
+    progress.phase("decode")
+
+    restored = chunking.restore_clip(
+        restorer, _source(item, timings, middle, before), item.frame_count, chunk_frames=plan.chunk_frames,
+        overlap=plan.chunk_overlap, res_h=size.res_h, res_w=size.res_w, sampling=spec.sampling, timings=timings,
+        on_phase=on_phase, on_chunk=lambda index, chunk: memory_plan.trim_host_memory())
+    if item.kind == "image":
+        (after,) = restored
+        progress.phase("encode")
+        started = time.perf_counter()
+        output = write_restored_image(spec.image, item, after, workdir)
+        timings["encode"] = time.perf_counter() - started
+        progress.advance(1)
+    else:
+        writer, output = video_writer(spec.video, item, workdir, size.width, size.height)
+        with writer:
+            for index, frame in enumerate(restored):
+                if not encoding:
+                    progress.phase("encode")
+                    encoding = True
+                started = time.perf_counter()
+                writer.write(frame)
+                if index == middle:
+                    after = frame.copy()
+                timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
+                progress.advance(1)
+            started = time.perf_counter()
+        timings["encode"] += time.perf_counter() - started  # flushing the encoder, muxing the audio
+    assert after is not None, "the middle frame was restored"
+    comparison = write_comparison(before[0], after, item.index, workdir) if spec.compare else None
+    return output, comparison
+
+
+def _out_of_memory(run: Callable[[], T]) -> tuple[T | None, str | None]:
+    """(run(), None), or (None, the first line of the error) after a CUDA out-of-memory error. Only the text
+    leaves: the exception and its traceback, which hold the failed attempt's tensors, die here."""
+    try:
+        return run(), None
+    except torch.OutOfMemoryError as error:
+        return None, str(error).strip().splitlines()[0][:300]
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def restore_item(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: ItemSize, workdir: Path,
+                 progress: Progress) -> ItemResult:
+    """Plan, restore with retries on CUDA out-of-memory (each with a smaller plan), encode into workdir."""
+    timings: dict[str, float] = {}
+    restorer = model.restorer
+    clip = (item.frame_count, (item.height, item.width), (size.height, size.width))
+    footprint = restorer.footprint()
+    wishes = spec.memory
+    budget = memory_plan.available_memory(restorer)
+    plan, guess = memory_plan.choose(footprint, budget, *clip, wishes)
+    retries: list[dict] = []
+    frames_before = progress.frames_done
+    while True:
+        files, failure = _out_of_memory(
+            lambda: _run_plan(model, spec, item, size, plan, guess, workdir, progress, timings))
+        if files is not None:
+            break
+        _free_device_memory()  # the failed attempt's tensors are unreachable now
+        log.warning("out of memory with plan %s: %s", plan, failure)
+        retries.append({"plan": plan.describe(), "estimated_peak_bytes": guess.peak, "error": failure})
+        progress.frames_done = frames_before  # the item starts over
+        budget = memory_plan.available_memory(restorer)
+        retry = memory_plan.smaller(guess, footprint, budget, *clip, wishes)
+        if retry is None or len(retries) > memory_plan.MAX_RETRIES:
+            raise RestoreError(OUT_OF_MEMORY, memory_plan.out_of_memory_message(
+                footprint, budget, guess, *clip, wishes, on_gpu=restorer.device.type == "cuda"))
+        plan, guess = retry
+    output, comparison = files
+    chunks = len(chunking.plan_chunks(item.frame_count, plan.chunk_frames, plan.chunk_overlap))
+    info = {"input_resolution": f"{item.width}x{item.height}", "frames": item.frame_count,
+            "plan": {**plan.describe(), "chunks": chunks, "estimated_peak_bytes": guess.peak,
+                     "memory_budget_bytes": budget, "fits": guess.peak <= budget},
+            "retries": retries,
+            "timings": {name: round(seconds, 4) for name, seconds in timings.items()}}
+    if item.fps is not None:
+        info["fps"] = str(item.fps)
+    return ItemResult(item.kind, size.width, size.height, output, comparison, info)
+
+
+def deliver(spec: RestoreSpec, result: ItemResult, job_id: str, progress: Progress) -> ItemResult:
+    progress.phase("deliver")
+    started = time.perf_counter()
+    result.delivered = deliver_output(spec.delivery, result.output, job_id)
+    if result.comparison is not None:
+        result.compared = deliver_output(spec.delivery, result.comparison, job_id)
+    result.info["timings"]["deliver"] = round(time.perf_counter() - started, 4)
+    return result

@@ -1,0 +1,74 @@
+"""A validated request as the small frozen specs each stage takes.
+
+The schema (seedvr.serving.schema) checks the fields; `restore_spec` hands each stage only its part:
+
+    media     -> seedvr.io.inputs.gather_inputs        (MediaSpec)
+    model     -> the model holder                       (ModelChoice: None = what is warm)
+    size      -> seedvr.engine.sizing.item_size         (SizeWishes; the item's size is computed once)
+    memory    -> seedvr.engine.memory_plan.choose       (Wishes)
+    sampling  -> the Restorer                           (Sampling)
+    video / image -> seedvr.io.outputs                  (VideoEncoding / ImageEncoding)
+    delivery  -> seedvr.io.outputs.deliver_output       (DeliverySpec)
+"""
+
+from dataclasses import dataclass
+
+from seedvr.engine.memory_plan import Wishes
+from seedvr.engine.restorer import Sampling
+from seedvr.engine.sizing import SizeWishes
+from seedvr.io.delivery import DeliverySpec
+from seedvr.io.inputs import MediaSpec
+from seedvr.io.outputs import ImageEncoding, VideoEncoding
+from seedvr.serving.schema import InitializeRequest, RestoreRequest
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a request asks for; a field left None means "what is warm" (seedvr.serving.model_holder)."""
+
+    model_type: str | None = None
+    variant: str | None = None
+    sp_size: int | None = None
+    attention_backend: str | None = None
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    media: MediaSpec
+    model: ModelChoice
+    size: SizeWishes
+    memory: Wishes
+    sampling: Sampling
+    video: VideoEncoding
+    image: ImageEncoding
+    delivery: DeliverySpec
+    compare: bool = False  # a before/after picture per item
+    preset: str | None = None  # reported back
+
+
+def model_choice(request: InitializeRequest | RestoreRequest) -> ModelChoice:
+    return ModelChoice(request.model_type, request.model_variant, request.sp_size, request.attention_backend)
+
+
+def restore_spec(request: RestoreRequest) -> RestoreSpec:
+    max_resolution = request.max_resolution
+    assert isinstance(max_resolution, tuple), "parse_request reads max_resolution as (width, height)"
+    if request.scale is not None:
+        size = SizeWishes(scale=request.scale, max_resolution=max_resolution)
+    else:
+        assert request.res_h is not None and request.res_w is not None, "the defaults are filled in"
+        size = SizeWishes(request.res_h, request.res_w, max_resolution=max_resolution)
+    return RestoreSpec(
+        media=MediaSpec(request.media_field or "media", request.media_values, request.media_type),  # the CLI: no media
+        model=model_choice(request),
+        size=size,
+        memory=Wishes(request.chunk_frames, request.chunk_overlap, request.vae_tiling, request.vae_tile_size,
+                      request.dit_offload),
+        sampling=Sampling(request.seed, request.cfg_scale, request.cfg_rescale, request.sample_steps,
+                          request.color_fix),
+        video=VideoEncoding(request.codec, request.crf, request.pix_fmt, request.container),
+        image=ImageEncoding(request.format, request.quality),
+        delivery=DeliverySpec(request.output_delivery, request.return_data_uri),
+        compare=request.compare,
+        preset=request.preset,
+    )

@@ -1,0 +1,358 @@
+"""The driver of a sequence-parallel group: `sp_size` long-lived rank processes holding the model.
+
+    group = SequenceParallelGroup("seedvr2_3b", "normal", sp_size=4)   # starts the ranks, loads the model
+    out = group.restore(frames, res_h=720, res_w=1280)                # as SeedVR2.restore
+    group.close()
+
+The group is a `seedvr.engine.restorer.Restorer`, exactly as the single-process pipeline: chunking, the
+memory plan and the model holder use it without knowing it spans processes.
+
+Failure handling. The driver never blocks on a rank without also watching every rank's process: a rank
+that dies, or a job that fails on some ranks while the others stay stuck in a collective (waited for
+`error_grace_s`), makes the job raise at once; the group is then torn down (every process terminated and
+joined) and started afresh by the next job. An error that every rank raised alike (a bad request) leaves
+the group as it is. Rank processes are daemons, end when their pipe closes or the driver's process dies
+(see worker.py), and `close()` runs at interpreter exit: no rank outlives the driver.
+"""
+
+import atexit
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seedvr.engine.memory_plan import Footprint, MemoryPlan
+from seedvr.engine.restorer import Frames, LatentShape, Sampling, latent_shape
+from seedvr.errors import INTERNAL, RestoreError
+from seedvr.spgroup import wire
+from seedvr.spgroup.rank import RankContext, RankSpec, rank_main
+
+log = logging.getLogger(__name__)
+
+STOP_WAIT_S = 10.0  # a rank asked to stop gets this long before it is terminated
+
+
+class SequenceParallelError(RestoreError):
+    """The group failed as a whole (a rank died or hung); it is restarted on the next job."""
+
+    def __init__(self, message: str):
+        super().__init__(INTERNAL, message)
+
+
+@dataclass
+class _Rank:
+    index: int
+    process: multiprocessing.Process
+    conn: multiprocessing.connection.Connection
+
+
+class SequenceParallelGroup:
+    """`sp_size` processes that restore one request together (SEEDVR2_SPEC 5).
+
+    device_kind: "cuda" (rank r on GPU r, NCCL) or "cpu" (gloo); default: cuda when available.
+    start_timeout_s: for starting the ranks and loading the model. job_timeout_s: per job (None: no limit;
+    dead ranks are detected either way). error_grace_s: how long the other ranks may take to finish after
+    one failed before the group is torn down. collective_timeout_s: the ranks' own collective timeout.
+    """
+
+    def __init__(self, model_type: str, variant: str = "normal", sp_size: int = 2, attention_backend: str = "auto",
+                 device_kind: str | None = None, *, start_timeout_s: float = 1800.0, job_timeout_s: float | None = None,
+                 error_grace_s: float = 10.0, collective_timeout_s: float = 1800.0):
+        device_kind = device_kind or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_kind not in ("cuda", "cpu"):
+            raise ValueError(f"device_kind must be 'cuda' or 'cpu', got {device_kind!r}")
+        if sp_size < 1:
+            raise ValueError(f"sp_size must be at least 1, got {sp_size}")
+        if device_kind == "cuda" and torch.cuda.device_count() < sp_size:
+            raise ValueError(f"sp_size {sp_size} needs {sp_size} GPUs; {torch.cuda.device_count()} visible")
+        self.model_type, self.variant, self.sp_size = model_type, variant, sp_size
+        self._attention_backend, self.device_kind = attention_backend, device_kind
+        self.start_timeout_s, self.job_timeout_s = start_timeout_s, job_timeout_s
+        self.error_grace_s, self.collective_timeout_s = error_grace_s, collective_timeout_s
+        self._job_lock = threading.Lock()  # one job at a time
+        self._state_lock = threading.RLock()  # guards starting and tearing down
+        self._ranks: list[_Rank] = []
+        self._store_dir: str | None = None
+        self._closed = False
+        self._job_ids = itertools.count(1)
+        self.model_info: dict = {}  # rank 0's {device, dtype, random_weights} and every rank's device
+        self._device, self._dtype = torch.device("cpu"), torch.float32  # rank 0's, set by _start
+        self._measurement: _Measurement | None = None  # measured on first use
+        _LIVE_GROUPS.add(self)
+        self._start()
+
+    # Public API
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.model_info["random_weights"])
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    def restore(self, frames: Frames, *, res_h: int, res_w: int, sampling: Sampling = Sampling(),
+                eps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                timings: dict[str, float] | None = None, stages: dict[str, torch.Tensor] | None = None,
+                on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
+        """As `SeedVR2.restore`: uint8 (f, H, W, 3) frames -> restored uint8 (f, Hc, Wc, 3), run by every rank."""
+        array = np.ascontiguousarray(frames.numpy() if isinstance(frames, torch.Tensor) else frames)
+        options = dict(res_h=res_h, res_w=res_w, sampling=sampling, eps=eps, noise=noise)
+        body = (array, wire.pack(options), stages is not None, on_phase is not None)
+        restored, rank_timings, rank_stages = self._job("restore", body, on_phase)[0]
+        if timings is not None:
+            timings.update(rank_timings)
+        if stages is not None:
+            stages.clear()
+            stages.update(rank_stages)
+        return restored
+
+    def call(self, fn, *args) -> list:
+        """fn(context: worker.RankContext, *args) on every rank at once -> each rank's result, in rank order.
+
+        fn must be importable by name (a module-level function). For diagnostics and tests.
+        """
+        return self._job("call", (fn, args))
+
+    def footprint(self) -> Footprint:
+        """The memory plan's view of the model, measured once on rank 0."""
+        return self._measured().footprint
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes of weights one rank holds on its device."""
+        return self._measured().resident_weight_bytes
+
+    def latent_shape(self, frames: int, height: int, width: int) -> LatentShape:
+        measured = self._measured()
+        return latent_shape(frames, height, width, measured.spatial_factor, measured.latent_channels)
+
+    def _measured(self) -> "_Measurement":
+        if self._measurement is None:  # not in _start: a restart happens inside _job, which holds its lock
+            self._measurement = self.call(_measure_model)[0]
+        return self._measurement
+
+    def set_attention_backend(self, name: str) -> None:
+        if name != self._attention_backend:
+            self.call(_set_attention_backend, name)
+            self._attention_backend = name
+
+    def apply_plan(self, plan: MemoryPlan) -> None:
+        """`SeedVR2.apply_plan(plan)` on every rank."""
+        self.call(_apply_plan, plan)
+
+    def alive(self) -> bool:
+        with self._state_lock:
+            return not self._closed and bool(self._ranks) and all(r.process.is_alive() for r in self._ranks)
+
+    @property
+    def pids(self) -> list[int]:
+        return [rank.process.pid for rank in self._ranks]
+
+    def close(self) -> None:
+        """Stop every rank and wait for its process to end (idempotent)."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for rank in self._ranks:
+                try:
+                    wire.send(rank.conn, ("stop", None, None))
+                except OSError:
+                    pass
+            deadline = time.monotonic() + STOP_WAIT_S
+            for rank in self._ranks:
+                rank.process.join(max(0.0, deadline - time.monotonic()))
+            self._teardown()
+        _LIVE_GROUPS.discard(self)
+
+    def __del__(self):
+        try:  # a group dropped without close(): do not leave its processes behind
+            self._teardown()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "SequenceParallelGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Starting, jobs, tearing down
+
+    def _start(self) -> None:
+        with self._state_lock:
+            context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; a fresh interpreter per rank
+            self._store_dir = tempfile.mkdtemp(prefix="seedvr-sp-")
+            spec = RankSpec(self.model_type, self.variant, self.sp_size, self._attention_backend, self.device_kind,
+                            str(Path(self._store_dir) / "store"), self.collective_timeout_s)
+            for index in range(self.sp_size):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=rank_main, args=(index, spec, theirs), daemon=True,
+                                          name=f"seedvr-sp-rank{index}")
+                process.start()
+                theirs.close()
+                self._ranks.append(_Rank(index, process, ours))
+        log.info("sequence parallel: starting %d ranks for %s (%s) on %s", self.sp_size, self.model_type,
+                 self.variant, self.device_kind)
+        facts = self._collect(None, deadline=time.monotonic() + self.start_timeout_s)
+        self.model_info = {**facts[0], "devices": [rank_facts["device"] for rank_facts in facts]}
+        self._device, self._dtype = torch.device(facts[0]["device"]), getattr(torch, facts[0]["dtype"])
+
+    def _job(self, kind: str, body, on_phase=None) -> list:
+        with self._job_lock:
+            if self._closed:
+                raise SequenceParallelError("the sequence-parallel group was closed")
+            if not self.alive():
+                log.warning("sequence parallel: group is down, restarting it")
+                self._teardown()
+                self._start()
+            job_id = next(self._job_ids)
+            message = wire.encode((kind, job_id, body))  # once, however many ranks read it
+            try:
+                for rank in list(self._ranks):
+                    rank.conn.send_bytes(message)
+            except OSError:
+                self._teardown()
+                raise SequenceParallelError("a sequence-parallel rank went away before the job started; "
+                                            "the group restarts on the next job") from None
+            deadline = None if self.job_timeout_s is None else time.monotonic() + self.job_timeout_s
+            return [wire.unpack(result) for result in self._collect(job_id, on_phase, deadline)]
+
+    def _collect(self, job_id: int | None, on_phase=None, deadline: float | None = None) -> list:
+        """Wait for every rank's answer to `job_id` (None: the start-up answers), watching every process."""
+        answers: dict[int, object] = {}
+        errors: dict[int, wire.RemoteError] = {}
+        grace_end = None
+        ranks = list(self._ranks)
+        while len(answers) + len(errors) < len(ranks):
+            ends = [end for end in (deadline, grace_end) if end is not None]
+            timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
+            pending = [r for r in ranks if r.index not in answers and r.index not in errors]
+            ready = multiprocessing.connection.wait([r.conn for r in pending] + [r.process.sentinel for r in ranks],
+                                                    timeout)
+            if not ready:
+                self._fail(job_id, errors, None, "did not finish in time" if not errors else
+                           f"the other ranks stayed busy {self.error_grace_s:g} s after rank {min(errors)} failed")
+            for rank in pending:
+                if rank.conn not in ready:
+                    continue
+                try:
+                    kind, answer_id, body = wire.receive(rank.conn)
+                except (EOFError, OSError):
+                    self._fail(job_id, errors, rank.index, _gone(rank))
+                if kind == "phase":
+                    _report_phase(on_phase, body)
+                elif answer_id == job_id and kind in ("done", "ready"):
+                    answers[rank.index] = body
+                elif answer_id == job_id and kind in ("error", "failed"):
+                    errors[rank.index] = body
+                    grace_end = grace_end or time.monotonic() + self.error_grace_s
+            for rank in ranks:
+                if rank.process.sentinel in ready:
+                    self._fail(job_id, errors, rank.index, _gone(rank))
+        if errors:
+            first = errors[min(errors)]
+            if job_id is None or len(errors) < len(ranks) or not all(first.same_as(e) for e in errors.values()):
+                self._fail(job_id, errors, None, "the ranks failed differently")  # they may be out of step
+            log.debug("sequence parallel: every rank failed alike:\n%s", first.traceback)
+            raise first.rebuild(min(errors))
+        return [answers[index] for index in range(len(ranks))]
+
+    def _fail(self, job_id: int | None, errors: dict[int, wire.RemoteError], culprit: int | None, what: str):
+        """Tear the group down and raise. A rank that left (`culprit`) is the cause, unless it reported its own
+        error first; without one, the first rank error is."""
+        self._teardown()
+        source = culprit if culprit is not None else min(errors, default=None)
+        if source in errors:
+            log.warning("sequence parallel: rank %d failed (%s); group torn down:\n%s", source, what,
+                        errors[source].traceback)
+            raise errors[source].rebuild(source)
+        stage = "while starting" if job_id is None else "during the job"
+        log.warning("sequence parallel: group failed %s: %s; torn down", stage, what)
+        raise SequenceParallelError(f"sequence-parallel group failed {stage}: {what}; it restarts on the next job")
+
+    def _teardown(self) -> None:
+        """Terminate and join every rank process; remove the rendezvous files (idempotent)."""
+        with self._state_lock:
+            ranks, self._ranks = self._ranks, []
+            for rank in ranks:
+                if rank.process.is_alive():
+                    rank.process.terminate()
+            for rank in ranks:
+                rank.process.join(5.0)
+                if rank.process.is_alive():
+                    rank.process.kill()
+                    rank.process.join()
+                rank.conn.close()
+            if self._store_dir is not None:
+                shutil.rmtree(self._store_dir, ignore_errors=True)
+                self._store_dir = None
+
+
+def _gone(rank: _Rank) -> str:
+    """Why a rank's pipe or process ended."""
+    rank.process.join(1.0)
+    if rank.process.exitcode is None:
+        return f"rank {rank.index} closed its pipe"
+    return f"rank {rank.index} exited (exit code {rank.process.exitcode})"
+
+
+def _report_phase(on_phase, name: str) -> None:
+    if on_phase is None:
+        return
+    try:
+        on_phase(name)
+    except Exception:  # progress reporting must not break the job
+        log.warning("sequence parallel: on_phase(%r) failed", name, exc_info=True)
+
+
+@dataclass(frozen=True)
+class _Measurement:
+    """What the driver asks rank 0 once about the model it holds."""
+
+    footprint: Footprint
+    resident_weight_bytes: int
+    spatial_factor: int  # the VAE's spatial downsampling
+    latent_channels: int
+
+
+def _measure_model(context: RankContext) -> _Measurement:
+    pipeline = context.pipeline
+    return _Measurement(pipeline.footprint(), pipeline.resident_weight_bytes(), pipeline.vae.spatial_downsample_factor,
+                        pipeline.vae.latent_channels)
+
+
+def _apply_plan(context: RankContext, plan: MemoryPlan) -> None:
+    context.pipeline.apply_plan(plan)
+
+
+def _set_attention_backend(context: RankContext, name: str) -> None:
+    context.pipeline.set_attention_backend(name)
+
+
+_LIVE_GROUPS: "weakref.WeakSet[SequenceParallelGroup]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for group in list(_LIVE_GROUPS):
+        group.close()

@@ -1,0 +1,153 @@
+"""One rank of a sequence-parallel group: a process of its own with the whole model on its own device.
+
+The driver (`seedvr.spgroup.group`) starts `rank_main` in every rank's process and talks to it over a
+pipe. Messages are (kind, job_id, body):
+
+    driver -> rank:  ("restore", id, (frames, options, want_stages, want_phases))   run SeedVR2.restore
+                     (options: res_h, res_w, sampling, eps, noise, packed by seedvr.spgroup.wire)
+                     ("call", id, (fn, args))                                      run fn(context, *args)
+                     ("stop", None, None)                                          leave
+    rank -> driver:  ("ready", None, model facts) | ("failed", None, RemoteError)  after loading
+                     ("phase", id, name)                                           rank 0, when asked
+                     ("done", id, packed result) | ("error", id, RemoteError)      after each job
+
+Every rank runs the same pipeline code on the same request; the DiT and the VAE split their work over the
+group (seedvr.distributed.comm). Only rank 0's result goes back. A rank leaves when its pipe closes or its
+parent process dies, so it never outlives the driver.
+"""
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from seedvr.distributed.comm import SequenceParallel
+from seedvr.engine import loader
+from seedvr.engine.pipeline import SeedVR2
+from seedvr.spgroup import wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank of one group needs to start."""
+
+    model_type: str
+    variant: str
+    size: int
+    attention_backend: str
+    device_kind: str  # "cuda" (NCCL, device = rank) or "cpu" (gloo)
+    store_path: str  # torch.distributed FileStore of this incarnation of the group
+    collective_timeout_s: float
+
+
+@dataclass
+class RankContext:
+    """What a job sees on one rank."""
+
+    rank: int
+    sp: SequenceParallel
+    pipeline: SeedVR2  # runs its DiT and VAE sequence parallel over `sp`
+
+
+def rank_main(rank: int, spec: RankSpec, conn) -> None:
+    """Entry point of a rank's process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the driver; it stops us
+    _exit_with_parent()
+    try:
+        context = _join_and_load(rank, spec)
+    except BaseException as error:  # reported, then this process ends
+        wire.send(conn, ("failed", None, wire.RemoteError.describe(error)))
+        return
+    pipeline = context.pipeline
+    wire.send(conn, ("ready", None, {"device": str(pipeline.device),
+                                     "dtype": str(pipeline.dtype).removeprefix("torch."),
+                                     "random_weights": pipeline.random_weights}))
+    try:
+        _serve(context, conn)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # nothing left to clean up; the interpreter's own teardown of torch takes seconds
+
+
+def _exit_with_parent() -> None:
+    """End this process as soon as the driver's process is gone, whatever this one is blocked in."""
+    parent = multiprocessing.parent_process()
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    if parent is not None:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _join_and_load(rank: int, spec: RankSpec) -> RankContext:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # all ranks share one host
+    timeout = timedelta(seconds=spec.collective_timeout_s)
+    store = dist.FileStore(spec.store_path, spec.size)
+    if spec.device_kind == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=spec.size, timeout=timeout,
+                                device_id=device)
+        meta_group = dist.new_group(backend="gloo", timeout=timeout)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // spec.size))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.size, timeout=timeout)
+        meta_group = None
+    sp = SequenceParallel(meta_group=meta_group)
+
+    pipeline = loader.load_pipeline(spec.model_type, spec.variant, device=device,
+                                    attention_backend=spec.attention_backend, sp=sp)
+    heads = pipeline.dit.blocks[0].attn.heads
+    if heads % spec.size:
+        raise ValueError(f"sp_size {spec.size} must divide the DiT's {heads} attention heads")
+    dist.barrier()  # every rank is loaded and every communicator is up
+    return RankContext(rank, sp, pipeline)
+
+
+def _serve(context: RankContext, conn) -> None:
+    while True:
+        try:
+            kind, job_id, body = wire.receive(conn)
+        except (EOFError, OSError):  # the driver is gone
+            return
+        if kind == "stop":
+            return
+        try:
+            if kind == "restore":
+                result = _restore(context, body, lambda name: wire.send(conn, ("phase", job_id, name)))
+            elif kind == "call":
+                fn, args = body
+                result = fn(context, *args)
+            else:
+                raise ValueError(f"unknown job kind {kind!r}")
+            wire.send(conn, ("done", job_id, wire.pack(result)))
+        except Exception as error:
+            log.debug("rank %d: job %s failed", context.rank, job_id, exc_info=True)  # the driver logs it
+            wire.send(conn, ("error", job_id, wire.RemoteError.describe(error)))
+
+
+def _restore(context: RankContext, body, send_phase):
+    """Rank 0: (uint8 frames, timings, stages or None); other ranks: None."""
+    frames, options, want_stages, want_phases = body
+    lead = context.rank == 0
+    timings, stages = {}, {} if want_stages and lead else None
+    if want_phases and lead:
+        options["on_phase"] = send_phase
+    restored = context.pipeline.restore(torch.from_numpy(frames), timings=timings, stages=stages,
+                                        **wire.unpack(options))
+    return (restored, timings, stages) if lead else None

@@ -1,0 +1,290 @@
+"""Parity with the official SeedVR2 code: golden tensors on tiny models, key sets of the full-size models.
+
+    python -m seedvr.parity CASE_DIR [--json OUT]       a golden case directory (meta.json + .safetensors)
+    python -m seedvr.parity MANIFEST.tsv [--json OUT]   dit_3b.tsv, dit_7b.tsv or vae.tsv
+
+Prints one line per compared tensor (or manifest key group) and a last line `parity: N passed, M failed`;
+exits 0 only if nothing failed. Everything runs on CPU in float32, as the goldens were made.
+max_rel is max |ours − golden| / max |golden|.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from seedvr.engine.checkpoint import compare_with_manifest, load_strict, read_manifest, read_state_dict
+from seedvr.engine.colorfix import color_fix
+from seedvr.errors import CheckpointError
+from seedvr.models.dit3b import NaDiT3B
+from seedvr.models.dit7b import NaDiT7B
+from seedvr.models.vae import VideoAutoencoder
+from seedvr.engine.loader import build_models, load_config
+from seedvr.engine.pipeline import SeedVR2
+from seedvr.engine.restorer import Sampling
+from seedvr.engine.preprocess import preprocess
+
+DIT_ATOL = 1e-4
+DIT_BF16_QKV_ATOL = 2e-3
+VAE_ATOL = 1e-4
+PREPROCESS_ATOL = 1e-5
+COLORFIX_ATOL = 1e-5
+PIPELINE_ATOL = 1e-4
+UINT8_MAX_OFF_FRACTION = 1e-3  # final_uint8: off by at most 1 in at most 0.1 % of the values
+
+DIT_CLASSES: dict[str, type[NaDiT3B | NaDiT7B]] = {"dit3b_tiny": NaDiT3B, "dit7b_tiny": NaDiT7B}  # golden case -> class
+BF16_QKV_FLAG = "round_qkv_to_bf16"  # model attribute that keeps the official bf16 cast of q, k, v
+# manifest stem -> (config folder, config section)
+MANIFEST_MODELS = {"dit_3b": ("seedvr2_3b", "dit"), "dit_7b": ("seedvr2_7b", "dit"), "vae": ("seedvr2_3b", "vae")}
+
+
+@dataclass
+class Result:
+    file: str
+    name: str
+    max_abs: float | None
+    max_rel: float | None
+    passed: bool | None  # None: skipped
+    note: str = ""
+
+    def line(self) -> str:
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
+        errors = "" if self.max_abs is None else f"  max_abs {self.max_abs:.3e}  max_rel {self.max_rel:.3e}"
+        note = f"  ({self.note})" if self.note else ""
+        return f"{self.file:32s} {self.name:32s}{errors}  {status}{note}"
+
+
+def compare(file: str, name: str, ours: torch.Tensor, golden: torch.Tensor, atol: float) -> Result:
+    """Max abs/rel error of `ours` against `golden`; a shape mismatch fails (size-1 dims aside)."""
+    if ours.shape != golden.shape:
+        if ours.squeeze().shape != golden.squeeze().shape:
+            return Result(file, name, None, None, False, f"shape {tuple(ours.shape)} != golden {tuple(golden.shape)}")
+        ours = ours.reshape(golden.shape)
+    diff = (ours.double() - golden.double()).abs()
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    max_rel = max_abs / max(golden.double().abs().max().item(), 1e-30)
+    if golden.dtype != torch.uint8:
+        return Result(file, name, max_abs, max_rel, max_abs <= atol)
+    off_fraction = (diff > 0).double().mean().item()
+    passed = max_abs <= 1 and off_fraction <= UINT8_MAX_OFF_FRACTION
+    return Result(file, name, max_abs, max_rel, passed, f"{off_fraction:.4%} of values off")
+
+
+def tensors_by_role(meta: dict, file: str, role: str) -> list[str]:
+    return [name for name, info in meta["files"][file]["tensors"].items() if info["role"] == role]
+
+
+def build_dit(case: str, kwargs: dict, weights: Path):
+    model = DIT_CLASSES[case](**kwargs).eval()
+    return load_strict(model, read_state_dict(weights), weights)
+
+
+def build_vae(kwargs: dict, weights: Path) -> VideoAutoencoder:
+    return load_strict(VideoAutoencoder(**kwargs).eval(), read_state_dict(weights), weights)
+
+
+def check_dit(case_dir: Path, meta: dict) -> list[Result]:
+    """Every case file: forward the inputs, compare vid_sample (and vid_sample_bf16qkv when supported)."""
+    model = build_dit(meta["case"], meta["config"]["kwargs"], case_dir / "weights.safetensors")
+    results = []
+    for file in meta["files"]:
+        tensors = load_file(case_dir / file)
+        inputs = {name: tensors[name] for name in tensors_by_role(meta, file, "input")}
+        outputs = tensors_by_role(meta, file, "output")
+        ours = model(**inputs)
+        if meta["case"] == "dit3b_tiny" and inputs["vid_shape"].shape[0] > 1:
+            results += check_packing_invariance(model, file, inputs, ours, tensors["vid_sample"])
+        else:
+            results.append(compare(file, "vid_sample", ours, tensors["vid_sample"], DIT_ATOL))
+        if "vid_sample_bf16qkv" in outputs:
+            results.append(check_bf16_qkv(model, file, inputs, tensors["vid_sample_bf16qkv"]))
+    return results
+
+
+def check_packing_invariance(model, file, inputs, ours, golden) -> list[Result]:
+    """3B batch golden: sample 0 against the golden; sample 1 against our own single-sample run.
+
+    The official 3B lets samples b >= 1 read sample 0's rotated text (spec 4.9); we do not reproduce that.
+    """
+    first_rows = int(inputs["vid_shape"][0].prod())
+    first_txt = int(inputs["txt_shape"][0, 0])
+    alone = model(vid=inputs["vid"][first_rows:], txt=inputs["txt"][first_txt:], vid_shape=inputs["vid_shape"][1:],
+                  txt_shape=inputs["txt_shape"][1:], timestep=inputs["timestep"][1:])
+    return [
+        compare(file, "vid_sample", ours[:first_rows], golden[:first_rows], DIT_ATOL),
+        compare(file, "vid_sample_packing_invariance", ours[first_rows:], alone, DIT_ATOL),
+    ]
+
+
+def check_bf16_qkv(model, file, inputs, golden) -> Result:
+    if not hasattr(model, BF16_QKV_FLAG):
+        return Result(file, "vid_sample_bf16qkv", None, None, None, f"model has no {BF16_QKV_FLAG} flag")
+    setattr(model, BF16_QKV_FLAG, True)
+    try:
+        ours = model(**inputs)
+    finally:
+        setattr(model, BF16_QKV_FLAG, False)
+    if inputs["vid_shape"].shape[0] > 1 and isinstance(model, NaDiT3B):
+        rows = int(inputs["vid_shape"][0].prod())  # only sample 0 is comparable (see check_packing_invariance)
+        ours, golden = ours[:rows], golden[:rows]
+    return compare(file, "vid_sample_bf16qkv", ours, golden, DIT_BF16_QKV_ATOL)
+
+
+def check_vae(case_dir: Path, meta: dict) -> list[Result]:
+    """Encode to the posterior, sample it with the recorded eps, scale; decode the scaled latent."""
+    vae = build_vae(meta["config"]["kwargs"], case_dir / "weights.safetensors")
+    runner = meta["config"]["runner_vae_config"]
+    scale, shift = runner["scaling_factor"], runner["shifting_factor"]
+    results = []
+    for file in meta["files"]:
+        golden = load_file(case_dir / file)
+        mean, logvar = vae.encode(golden["video"][None])  # (1, 16, t, h, w)
+        std = torch.exp(0.5 * logvar)
+        latent = mean + std * golden["eps"]
+        ours = {"posterior_mean": mean, "posterior_logvar": logvar, "posterior_std": std, "latent_sample": latent,
+                "cond_latent": (latent[0].permute(1, 2, 3, 0) - shift) * scale}
+        scaled = golden["cond_latent"] / scale + shift
+        ours["decoded"] = vae.decode(scaled.permute(3, 0, 1, 2)[None])[0]
+        results += [compare(file, name, ours[name], golden[name], VAE_ATOL) for name in ours if name in golden]
+    return results
+
+
+def check_pipeline(case_dir: Path, meta: dict) -> list[Result]:
+    """Every run end to end from its uint8 frames and seed; every stage the golden recorded is compared."""
+    dit_weights = (case_dir / meta["models"]["dit"].split()[0]).resolve()
+    vae_weights = (case_dir / meta["models"]["vae"].split()[0]).resolve()
+    dit_meta = json.loads((dit_weights.parent / "meta.json").read_text())
+    vae_meta = json.loads((vae_weights.parent / "meta.json").read_text())
+    dit = build_dit(dit_meta["case"], dit_meta["config"]["kwargs"], dit_weights)
+    vae = build_vae(vae_meta["config"]["kwargs"], vae_weights)
+    runner = vae_meta["config"]["runner_vae_config"]
+    text_file = next(file for file in meta["files"] if {"pos", "neg"} <= set(meta["files"][file]["tensors"]))
+    text = load_file(case_dir / text_file)
+    pipeline = SeedVR2(dit, vae, text["pos"], text["neg"], device="cpu",
+                       scaling_factor=runner["scaling_factor"], shifting_factor=runner["shifting_factor"])
+    results = []
+    for run, settings in meta["runs"].items():
+        file = f"{run}.safetensors"
+        golden = load_file(case_dir / file)
+        stages = {}
+        sampling = Sampling(seed=settings["seed"], cfg_scale=settings["cfg_scale"],
+                            cfg_rescale=settings["cfg_rescale"], sample_steps=settings["sample_steps"])
+        pipeline.restore(golden["frames_uint8"].permute(0, 2, 3, 1), res_h=settings["res_h"], res_w=settings["res_w"],
+                         sampling=sampling, stages=stages)
+        for name in golden:
+            if name in stages:
+                results.append(compare(file, name, stages[name], golden[name], PIPELINE_ATOL))
+            elif meta["files"][file]["tensors"][name]["role"] != "input":
+                results.append(Result(file, name, None, None, False, "not produced"))
+    return results
+
+
+def check_colorfix(case_dir: Path, meta: dict) -> list[Result]:
+    """output{suffix} = wavelet colour fix of content{suffix} with style{suffix}."""
+    results = []
+    for file in meta["files"]:
+        tensors = load_file(case_dir / file)
+        for name in tensors_by_role(meta, file, "output"):
+            suffix = name.removeprefix("output")
+            ours = color_fix(tensors[f"content{suffix}"], tensors[f"style{suffix}"], "wavelet")
+            results.append(compare(file, name, ours, tensors[name], COLORFIX_ATOL))
+    return results
+
+
+def check_preprocess(case_dir: Path, meta: dict) -> list[Result]:
+    """{case}_out = the transform of the uint8 {case}_frames (T, 3, H, W) at the case's res_h x res_w."""
+    results = []
+    for file in meta["files"]:
+        tensors = load_file(case_dir / file)
+        for case, settings in meta["cases"].items():
+            frames = tensors[f"{case}_frames"].permute(0, 2, 3, 1)  # (T, H, W, 3)
+            ours = preprocess(frames, settings["res_h"], settings["res_w"])
+            results.append(compare(file, f"{case}_out", ours, tensors[f"{case}_out"], PREPROCESS_ATOL))
+    return results
+
+
+CASE_CHECKS = {
+    "dit3b_tiny": check_dit,
+    "dit7b_tiny": check_dit,
+    "vae_tiny": check_vae,
+    "pipeline_tiny": check_pipeline,
+    "colorfix": check_colorfix,
+    "preprocess": check_preprocess,
+}
+
+
+def check_case(case_dir: Path) -> tuple[str, list[Result]]:
+    meta = json.loads((case_dir / "meta.json").read_text())
+    case = meta["case"]
+    if case not in CASE_CHECKS:
+        raise ValueError(f"{case_dir}: unknown case {case!r}; known: {', '.join(CASE_CHECKS)}")
+    with torch.inference_mode():
+        return case, CASE_CHECKS[case](case_dir, meta)
+
+
+def build_full_size(stem: str) -> torch.nn.Module:
+    """The full-size model a manifest describes, on the meta device (no memory, no init)."""
+    model_type, section = MANIFEST_MODELS[stem]
+    dit, vae = build_models(model_type, load_config(model_type))
+    return vae if section == "vae" else dit
+
+
+def key_group(key: str) -> str:
+    """blocks.3.attn.proj_qkv.vid.weight -> blocks.3; vid_out_ada.out_scale -> vid_out_ada."""
+    parts = key.split(".")
+    for index, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: index + 1])
+    return ".".join(parts[:-1]) or key
+
+
+def check_manifest(tsv: Path) -> tuple[str, list[Result]]:
+    """One result per key group: PASS when every key of the group exists on both sides with equal shapes."""
+    if tsv.stem not in MANIFEST_MODELS:
+        raise ValueError(f"{tsv}: unknown manifest; known: {', '.join(f'{stem}.tsv' for stem in MANIFEST_MODELS)}")
+    manifest = read_manifest(tsv)
+    model = build_full_size(tsv.stem)
+    keys_by_group: dict[str, set[str]] = {}
+    for key in [*manifest, *model.state_dict()]:
+        keys_by_group.setdefault(key_group(key), set()).add(key)
+    mismatches_by_group: dict[str, list[str]] = {group: [] for group in keys_by_group}
+    for mismatch in compare_with_manifest(model, manifest):
+        mismatches_by_group[key_group(mismatch.key)].append(str(mismatch))
+    results = [
+        Result(tsv.name, group, None, None, not mismatches, "; ".join(mismatches) or f"{len(keys_by_group[group])} keys")
+        for group, mismatches in mismatches_by_group.items()
+    ]
+    return f"manifest:{tsv.stem}", results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seedvr.parity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", type=Path, help="a golden case directory or a manifest .tsv")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    try:
+        case, results = check_manifest(args.target) if args.target.suffix == ".tsv" else check_case(args.target)
+    except CheckpointError as error:  # weights that do not fit the model: one failure, with the reason
+        case, results = str(args.target), [Result(args.target.name, "weights", None, None, False, str(error))]
+    for result in results:
+        print(result.line())
+    passed = sum(result.passed is True for result in results)
+    failed = sum(result.passed is False for result in results)
+    skipped = sum(result.passed is None for result in results)
+    if skipped:
+        print(f"skipped: {skipped} (not counted)")
+    print(f"parity: {passed} passed, {failed} failed")
+    if args.json:
+        entries = [{key: value for key, value in asdict(result).items() if key != "note" or value} for result in results]
+        report = {"case": case, "results": entries, "passed": passed, "failed": failed, "skipped": skipped}
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0 if failed == 0 and passed > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
