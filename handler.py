@@ -11,6 +11,7 @@ traceback goes to the log only, and the worker keeps serving.
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
@@ -22,7 +23,7 @@ from seedvr.serving.health import health
 from seedvr.serving.logs import install, job_logging
 from seedvr.serving.model_holder import ModelHolder
 from seedvr.serving.progress import runpod_sink
-from seedvr.serving.schema import HealthRequest, InitializeRequest, RestoreRequest, parse_request
+from seedvr.serving.schema import InitializeRequest, Request, RestoreRequest, parse_request
 
 DEBUG = os.environ.get("RUNPOD_DEBUG") == "1"
 install(logging.DEBUG if DEBUG else logging.INFO)
@@ -33,17 +34,33 @@ log = logging.getLogger("seedvr.handler")
 HOLDER = ModelHolder()  # the worker's one warm model
 
 
+def _health(request: Request, job: dict) -> dict:
+    return health(HOLDER)
+
+
+def _initialize(request: Request, job: dict) -> dict:
+    assert isinstance(request, InitializeRequest)
+    return jobs.initialize(request, HOLDER)
+
+
+def _restore(request: Request, job: dict) -> dict:
+    assert isinstance(request, RestoreRequest)
+    return jobs.restore(request, jobs.JobContext(str(job.get("id", "local")), runpod_sink(job)), HOLDER)
+
+
+ACTIONS: dict[str, Callable[[Request, dict], dict]] = {
+    "health": _health,
+    "initialize": _initialize,
+    "restore": _restore,
+}
+
+
 def handler(job: dict) -> dict:
     job_id = str(job.get("id", "local"))
     with job_logging(job_id):
         try:
             request = parse_request(job.get("input"))
-            if isinstance(request, HealthRequest):
-                return health(HOLDER)
-            if isinstance(request, InitializeRequest):
-                return jobs.initialize(request, HOLDER)
-            assert isinstance(request, RestoreRequest)
-            return jobs.restore(request, jobs.JobContext(job_id, runpod_sink(job)), HOLDER)
+            return ACTIONS[request.action](request, job)
         except RestoreError as error:
             log.warning("job failed: %s", error)
             return {"error": str(error)}

@@ -93,7 +93,7 @@ def main() -> None:
             ours.append(time.perf_counter() - started)
         ratio = statistics.median(ours) / statistics.median(plain)
         print(f"clip: {args.size}, {args.seconds:g} s at 30 fps with AAC, {clip.stat().st_size / 1e6:.1f} MB")
-        print("| path | seconds (median of %d) |" % args.repeats)
+        print(f"| path | seconds (median of {args.repeats}) |")
         print("|---|---|")
         print(f"| plain ffmpeg transcode (libx264 crf 18) | {statistics.median(plain):.2f} |")
         print(f"| worker path without the model | {statistics.median(ours):.2f} |")

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from seedvr.tools import tiny
 from seedvr.engine.loader import build_models, compute_dtype
 from seedvr.engine.pipeline import SeedVR2
+from seedvr.tools import tiny
 
 PHASES = ("preprocess", "vae_encode", "dit", "vae_decode", "postprocess")
 
@@ -43,7 +43,7 @@ def build(size: str, full: bool, device: torch.device) -> SeedVR2:
         else tiny.tiny_config(size)
     dtype = compute_dtype(device)
     generator = torch.Generator().manual_seed(0)
-    dit, vae = build_models(config, device="cpu")
+    dit, vae = build_models(f"seedvr2_{size}", config, device="cpu")
     tiny.randomise(dit, generator)
     tiny.randomise(vae, generator)
     dit.eval().to(device)

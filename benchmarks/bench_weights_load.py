@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from seedvr.engine import loader
-
-from seedvr.tools import weights
 from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.models.vae import convert_legacy_vae_keys
+from seedvr.tools import weights
 
 
 def random_state_dict(model: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -44,7 +43,7 @@ def load(path: Path, model: torch.nn.Module, kind: str) -> list[torch.Tensor]:
 def load_seconds(path: Path, config, kind: str, runs: int) -> list[float]:
     times = []
     for run in range(runs + 1):  # the first run warms the page cache and is not counted
-        model = loader.build_models(config)[kind == "vae"]  # built outside the timing: the same for both formats
+        model = loader.build_models("seedvr2_3b", config)[kind == "vae"]  # built outside the timing: the same for both formats
         started = time.perf_counter()
         load(path, model, kind)
         if run:
@@ -70,7 +69,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rows = []
-        for kind, model in zip(("dit", "vae"), loader.build_models(config)):
+        for kind, model in zip(("dit", "vae"), loader.build_models("seedvr2_3b", config)):
             state_dict = random_state_dict(model, generator)
             pth, converted = Path(tmp) / f"{kind}.pth", Path(tmp) / f"{kind}.safetensors"
             torch.save(state_dict, pth)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from seedvr.engine.memory_plan import (GIB, HEADROOM, Footprint, Wishes, candidates, choose, estimate,  # noqa: E402
-                                max_chunk_frames)
+from seedvr.engine.memory_plan import GIB, HEADROOM, Footprint, Wishes, candidates, choose, estimate, max_chunk_frames  # noqa: E402
 
 GPUS_GB = (24, 48, 80)
 OUTPUTS = {"480p (848x480)": (480, 848), "720p (1280x720)": (720, 1280), "1080p (1920x1072)": (1072, 1920)}

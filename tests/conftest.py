@@ -55,9 +55,7 @@ def tiny_handler(tiny_dir):
         import handler
 
         yield handler.handler
-    from seedvr.serving import jobs
-
-    jobs.HOLDER._release()
+        handler.HOLDER.release()
 
 
 S3_BUCKET = "seedvr-results"

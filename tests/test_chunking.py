@@ -7,26 +7,30 @@ import math
 import numpy as np
 import pytest
 import torch
+from media_factory import closest_pattern_frame, pattern_frames
 from safetensors.torch import load_file
 
-from media_factory import closest_pattern_frame, pattern_frames
 from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.engine.chunking import CrossFader, chunk_weights, plan_chunks, positional_noise, restore_clip
+from seedvr.engine.pipeline import SeedVR2
+from seedvr.engine.restorer import Sampling, latent_shape
 from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.vae import VideoAutoencoder
-from seedvr.engine.pipeline import SeedVR2
 
 LAYOUTS = [(1, 5, 1), (5, 5, 1), (6, 5, 1), (30, 9, 1), (100, 21, 5), (121, 121, 9), (122, 121, 9), (50, 9, 6),
            (40, 13, 12), (17, 5, 0), (250, 33, 5)]
 
 
 class StandIn:
-    """Anything with SeedVR2's restore signature; `output(clip, call)` makes its frames. Records each call."""
+    """A Restorer's restore and latent_shape; `output(clip, call)` makes its frames. Records each call."""
 
     def __init__(self, output, latent_channels=16, factor=8):
         self.output = output
         self.calls = []
-        self.vae = type("Vae", (), {"latent_channels": latent_channels, "spatial_downsample_factor": factor})()
+        self.latent_channels, self.factor = latent_channels, factor
+
+    def latent_shape(self, frames, height, width):
+        return latent_shape(frames, height, width, self.factor, self.latent_channels)
 
     def restore(self, frames, **options):
         self.calls.append({"frames": len(frames), **options})
@@ -80,7 +84,7 @@ def test_identity_pipeline_gives_back_every_frame_in_order(frames, chunk, overla
     clip = random_clip(frames)
     stand_in = identity()
     out = list(restore_clip(stand_in, iter(clip), frames, chunk_frames=chunk, overlap=overlap, res_h=16, res_w=32,
-                            seed=3))
+                            sampling=Sampling(seed=3)))
     assert len(out) == frames
     assert np.array_equal(np.stack(out), clip)
     assert len(stand_in.calls) == len(plan_chunks(frames, chunk, overlap))
@@ -91,7 +95,7 @@ def test_overlap_frames_are_the_cross_fade_of_the_two_chunks():
     stand_in = StandIn(lambda clip, call: np.full_like(clip, values[call]))
     chunks = plan_chunks(45, 21, 9)
     out = np.stack(list(restore_clip(stand_in, iter(random_clip(45)), 45, chunk_frames=21, overlap=9, res_h=16,
-                                     res_w=32, seed=0)))
+                                     res_w=32, sampling=Sampling(seed=0))))
     assert len(chunks) == 3
     for index, item in enumerate(chunks[1:], start=1):
         for j in range(item.fade_in):  # frame item.start + j: fading from chunk index-1 to chunk index
@@ -104,7 +108,7 @@ def test_overlap_frames_are_the_cross_fade_of_the_two_chunks():
 def test_three_chunks_on_one_frame_blend_to_a_weighted_mean():
     # overlap 6 > step 3: frames lie in up to three chunks; an identity output must still come back exact
     clip = random_clip(20)
-    out = list(restore_clip(identity(), iter(clip), 20, chunk_frames=9, overlap=6, res_h=16, res_w=32, seed=0))
+    out = list(restore_clip(identity(), iter(clip), 20, chunk_frames=9, overlap=6, res_h=16, res_w=32, sampling=Sampling(seed=0)))
     assert np.array_equal(np.stack(out), clip)
 
 
@@ -121,7 +125,7 @@ def test_frames_stream_through_one_chunk_at_a_time():
         marks.append((len(pulled), len(emitted)))
 
     for frame in restore_clip(identity(), source(), frames, chunk_frames=chunk, overlap=overlap, res_h=16,
-                              res_w=32, seed=0, on_chunk=before_chunk):
+                              res_w=32, sampling=Sampling(seed=0), on_chunk=before_chunk):
         emitted.append(frame)
     for item, (read, handed_on) in zip(plan_chunks(frames, chunk, overlap), marks):
         assert read == item.stop  # nothing is read before a chunk needs it
@@ -154,24 +158,24 @@ def test_noise_depends_on_the_position_in_the_clip_not_on_the_chunk():
 def test_every_chunk_gets_the_positional_noise_and_the_whole_clip_the_official_draws():
     stand_in = identity()
     list(restore_clip(stand_in, iter(random_clip(30, 48, 64)), 30, chunk_frames=13, overlap=5, res_h=48,
-                      res_w=64, seed=9))
+                      res_w=64, sampling=Sampling(seed=9)))
     for call, item in zip(stand_in.calls, plan_chunks(30, 13, 5)):
         eps, noise = positional_noise(9, item.start, (call["frames"] - 1 + 3) // 4 + 1, 6, 8, 16)
         assert torch.equal(call["eps"], eps) and torch.equal(call["noise"], noise)
-        assert call["seed"] == 9
+        assert call["sampling"] == Sampling(seed=9)
     whole = identity()
     list(restore_clip(whole, iter(random_clip(30, 48, 64)), 30, chunk_frames=33, overlap=5, res_h=48, res_w=64,
-                      seed=9))
+                      sampling=Sampling(seed=9)))
     assert len(whole.calls) == 1 and "eps" not in whole.calls[0] and "noise" not in whole.calls[0]
 
 
 def test_a_source_with_another_frame_count_is_an_error():
     with pytest.raises(ValueError):
         list(restore_clip(identity(), iter(random_clip(12)), 10, chunk_frames=5, overlap=1, res_h=16, res_w=32,
-                          seed=0))
+                          sampling=Sampling(seed=0)))
     with pytest.raises(ValueError):
         list(restore_clip(identity(), iter(random_clip(8)), 10, chunk_frames=5, overlap=1, res_h=16, res_w=32,
-                          seed=0))
+                          sampling=Sampling(seed=0)))
 
 
 # ---- The real pipeline (tiny golden models)
@@ -192,8 +196,8 @@ def pipeline(golden):
 def test_a_chunk_as_long_as_the_clip_is_exactly_the_whole_clip_pass(pipeline, frames, chunk):
     clip = pattern_frames(frames, 64, 48)
     streamed = np.stack(list(restore_clip(pipeline, iter(clip), frames, chunk_frames=chunk, overlap=4, res_h=48,
-                                          res_w=64, seed=11)))
-    whole = pipeline.restore(clip, res_h=48, res_w=64, seed=11).numpy()
+                                          res_w=64, sampling=Sampling(seed=11))))
+    whole = pipeline.restore(clip, res_h=48, res_w=64, sampling=Sampling(seed=11)).numpy()
     assert np.array_equal(streamed, whole)
 
 
@@ -203,7 +207,7 @@ def test_real_pipeline_keeps_count_and_order_through_chunks(pipeline):
     a shift by one frame."""
     frames = 30
     out = np.stack(list(restore_clip(pipeline, iter(pattern_frames(frames, 64, 48)), frames, chunk_frames=9,
-                                     overlap=1, res_h=48, res_w=64, seed=1)))
+                                     overlap=1, res_h=48, res_w=64, sampling=Sampling(seed=1))))
     assert out.shape == (frames, 48, 64, 3)
     palette = 16  # pattern colours repeat every 16 frames
     nearest = np.array([closest_pattern_frame(frame, palette)[0] for frame in out])

@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from media_factory import make_image, make_video
-from seedvr.io.media.video import probe_video
+from PIL import Image
 from worker_server import REPO_ROOT, make_job_tmp, tiny_environment
+
+from seedvr.io.media.video import probe_video
 
 
 def run_cli(tiny_dir, *args):

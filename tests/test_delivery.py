@@ -9,10 +9,11 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
-
 from conftest import S3_BUCKET as BUCKET
-from seedvr.io.delivery import BUCKET_ENV_VARS, bucket_configured, deliver
+
+from seedvr import settings
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
+from seedvr.io.delivery import deliver
 
 CREDENTIALS = {"BUCKET_ACCESS_KEY_ID": "test-key", "BUCKET_SECRET_ACCESS_KEY": "test-secret"}
 
@@ -28,7 +29,7 @@ def bucket_env(monkeypatch, s3_endpoint):
 
 @pytest.fixture
 def no_bucket_env(monkeypatch):
-    for name in BUCKET_ENV_VARS:
+    for name in settings.BUCKET_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -110,13 +111,13 @@ def test_no_bucket_is_a_clear_error_and_nothing_is_written_locally(no_bucket_env
     workdir.mkdir()
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("SEEDVR_BASE64_LIMIT_BYTES", "10")
-    assert not bucket_configured()
+    assert settings.current().bucket is None
 
     with pytest.raises(RestoreError) as caught:
         deliver(video, mode=mode, job_id="j", mime="video/mp4")
 
     assert caught.value.code == INVALID_INPUT
-    for name in BUCKET_ENV_VARS:
+    for name in settings.BUCKET_VARIABLES:
         assert name in caught.value.message
     if mode == "auto":
         assert "too large" in caught.value.message
@@ -124,10 +125,13 @@ def test_no_bucket_is_a_clear_error_and_nothing_is_written_locally(no_bucket_env
     assert sorted(p.name for p in video.parent.iterdir()) == ["restored.mp4"]
 
 
-def test_bucket_configured_needs_all_three_variables(bucket_env, monkeypatch):
-    assert bucket_configured()
+def test_a_bucket_needs_all_three_variables_and_names_the_missing_one(bucket_env, monkeypatch):
+    assert settings.current().bucket is not None
     monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", "")
-    assert not bucket_configured()
+    with pytest.raises(settings.SettingsError) as caught:
+        settings.current()
+    assert "missing: BUCKET_SECRET_ACCESS_KEY" in str(caught.value)
+    assert CREDENTIALS["BUCKET_ACCESS_KEY_ID"] not in str(caught.value)
 
 
 def test_unknown_mode_is_invalid_input(no_bucket_env, video):

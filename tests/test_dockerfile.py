@@ -12,18 +12,15 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from seedvr.io import delivery
-
-from seedvr.serving import schema
-
-from seedvr.tools import weights
-from seedvr.io.media import fetch
+from seedvr import settings
 from seedvr.io.media.payload import sniff_media
+from seedvr.serving import schema
+from seedvr.tools import weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
@@ -192,14 +189,15 @@ def test_hub_env_variables_are_read_by_the_worker_with_the_advertised_defaults(m
     for key, spec in env.items():
         assert spec["name"] and spec["description"] and spec["type"] in ("string", "number", "boolean")
         assert f'"{key}"' in source or key == "HF_TOKEN", f"{key} is not read by the worker"
-    assert env["SEEDVR_MAX_OUTPUT_AREA"]["default"] == schema.DEFAULT_MAX_OUTPUT_AREA
-    assert env["SEEDVR_BASE64_LIMIT_BYTES"]["default"] == delivery.DEFAULT_BASE64_LIMIT_BYTES
-    assert env["SEEDVR_MAX_DOWNLOAD_BYTES"]["default"] == fetch.DEFAULT_MAX_BYTES
+    assert set(env) - {"HF_TOKEN"} <= set(settings.VARIABLES)
+    assert env["SEEDVR_MAX_OUTPUT_AREA"]["default"] == settings.DEFAULT_MAX_OUTPUT_AREA
+    assert env["SEEDVR_BASE64_LIMIT_BYTES"]["default"] == settings.DEFAULT_BASE64_LIMIT_BYTES
+    assert env["SEEDVR_MAX_DOWNLOAD_BYTES"]["default"] == settings.DEFAULT_MAX_DOWNLOAD_BYTES
     auto = env["SEEDVR_AUTO_DOWNLOAD"]
-    monkeypatch.setenv("SEEDVR_AUTO_DOWNLOAD", auto["trueValue"])
-    assert weights.auto_download_enabled()
-    monkeypatch.setenv("SEEDVR_AUTO_DOWNLOAD", auto["falseValue"])
-    assert not weights.auto_download_enabled()
+    monkeypatch.setenv("SEEDVR_AUTO_DOWNLOAD", str(auto["trueValue"]).lower())
+    assert settings.current().auto_download
+    monkeypatch.setenv("SEEDVR_AUTO_DOWNLOAD", str(auto["falseValue"]).lower())
+    assert not settings.current().auto_download
     for preset in hub()["config"]["presets"]:
         assert set(preset["defaults"]) <= set(env)
 

@@ -10,11 +10,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from media_factory import make_audio_only, make_image, make_video, pattern_frames, write_video
-from seedvr.io.media.video import iter_frames, probe_video, read_frames
+from PIL import Image
 from worker_server import WorkerServer, make_job_tmp, tiny_environment
+
+from seedvr.io.media.video import iter_frames, probe_video, read_frames
 
 
 @pytest.fixture(scope="session")

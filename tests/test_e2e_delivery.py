@@ -15,13 +15,13 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import requests
-from PIL import Image
-
 from conftest import S3_BUCKET
 from media_factory import make_image, make_video
+from PIL import Image
+from worker_server import WorkerServer, make_job_tmp, tiny_environment
+
 from seedvr.io.media.payload import sniff_media
 from seedvr.io.media.video import probe_video
-from worker_server import WorkerServer, make_job_tmp, tiny_environment
 
 
 class ProgressReceiver(ThreadingHTTPServer):

@@ -8,11 +8,10 @@ import threading
 import weakref
 
 import pytest
+from media_factory import make_image
+from worker_server import REPO_ROOT, tiny_paths
 
 import handler
-from media_factory import make_image
-from seedvr.serving import jobs
-from worker_server import REPO_ROOT, tiny_paths
 
 
 @pytest.fixture
@@ -52,7 +51,7 @@ def test_a_checkpoint_that_does_not_fit_names_file_and_key(tiny_env, tmp_path, m
         (ckpts / name).write_bytes((tiny_env / "ckpts" / name).read_bytes())
     (ckpts / "seedvr2_ema_3b.pth").write_bytes((tiny_env / "ckpts" / "seedvr2_ema_7b.pth").read_bytes())
     monkeypatch.setenv("SEEDVR_CKPT_DIR", str(ckpts))
-    jobs.HOLDER._release()
+    handler.HOLDER.release()
     error = run({"action": "initialize", "model_type": "seedvr2_3b"})["error"]
     assert error.startswith("MODEL_NOT_AVAILABLE: ") and "seedvr2_ema_3b.pth" in error
     assert "blocks." in error  # names a key
@@ -89,11 +88,11 @@ def test_concurrent_jobs_for_two_models_are_serialised(tiny_env, tmp_path):
 
 def test_switching_models_frees_the_old_one(tiny_env):
     assert "error" not in run({"action": "initialize", "model_type": "seedvr2_3b"})
-    old_dit = weakref.ref(jobs.HOLDER.current.pipeline.dit)
+    old_dit = weakref.ref(handler.HOLDER.current.restorer.dit)
     assert "error" not in run({"action": "initialize", "model_type": "seedvr2_7b"})
     gc.collect()
     assert old_dit() is None
-    assert jobs.HOLDER.describe()["model_type"] == "seedvr2_7b"
+    assert handler.HOLDER.describe()["model_type"] == "seedvr2_7b"
 
 
 def test_runpod_debug_turns_on_verbose_logging():

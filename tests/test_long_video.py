@@ -9,10 +9,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-
 from media_factory import closest_pattern_frame, pattern_frames, write_video
-from seedvr.io.media.video import iter_frames, probe_video
 from worker_server import REPO_ROOT
+
+from seedvr.io.media.video import iter_frames, probe_video
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
-
 from conftest import S3_BUCKET
 from media_factory import H264, make_image, pattern_frames, write_video
-from seedvr.io.media.video import probe_video, read_frames
+from PIL import Image
 from worker_server import WorkerServer, make_job_tmp, tiny_environment
+
+from seedvr.io.media.video import probe_video, read_frames
 
 pytestmark = pytest.mark.slow
 
@@ -131,10 +131,12 @@ EXPECTED_WIDTH, EXPECTED_HEIGHT = 128, 96
 ITEMS = {"image": ("image",), "video": ("video",), "list": ("image", "video")}
 
 # Bounds, in uint8 levels, against the plain result. In one process (sp_size 1) offload and delivery change
-# nothing: identical frames. Two ranks differ from one process by the order of float reductions, which
-# turns into rare +-1 steps of the output before H.264 (crf 0) encodes it.
-SP_MAX_ABS, SP_MEAN_ABS = 2, 0.05
-TILED_MEAN_ABS = 12.0  # tiles are approximate: a loose bound on the mean only
+# nothing: identical frames. Two ranks differ from one process by the order of float reductions: a few
+# values a step apart before encoding, which H.264 (crf 0, yuv420p) spreads over a pixel's channels.
+# Measured on the tiny model (13 frames of 128x96): video max 3 (whole clip) / 2 (chunked), mean 1.2e-4,
+# 8e-5 of the values changed; images identical.
+SP_MAX_ABS, SP_MEAN_ABS, SP_CHANGED = 6, 0.005, 0.001
+TILED_MEAN_ABS = 12.0  # tiles are approximate (measured: mean 7.0 to 8.3, max up to 177): the mean only
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +299,8 @@ def test_combination(server, media, plain, job_tmp, tmp_path, row):
         elif row["sp_size"] == 1:
             assert largest == 0, f"{label} {kind}: differs from plain: max {largest}, mean {mean:.4f}"
         else:
-            assert largest <= SP_MAX_ABS and mean < SP_MEAN_ABS, \
-                f"{label} {kind}: differs from plain: max {largest}, mean {mean:.4f}"
+            assert largest <= SP_MAX_ABS and mean < SP_MEAN_ABS and changed < SP_CHANGED, \
+                f"{label} {kind}: differs from plain: max {largest}, mean {mean:.5f}, changed {changed:.5f}"
     MEASURED[label] = figures
     print(f"\n{label}: {'; '.join(figures)}")
     # no job folder or download left behind (a live sp group keeps its store folder, checked at the end)

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from media_factory import (
     FFMPEG,
     HEIGHT,
@@ -32,12 +30,21 @@ from media_factory import (
     stream_line,
     write_video,
 )
+from PIL import Image
+
 from seedvr.errors import INTERNAL, INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError
 from seedvr.io.media import payload
 from seedvr.io.media.ffmpeg import packet_timing
 from seedvr.io.media.image import read_image, write_image
-from seedvr.io.media.payload import (DECODE_CHUNK_CHARS, ENCODE_CHUNK_BYTES, MediaKind, check_forced_type, decode_base64,
-                                  encode_file_base64, sniff_media)
+from seedvr.io.media.payload import (
+    DECODE_CHUNK_CHARS,
+    ENCODE_CHUNK_BYTES,
+    MediaKind,
+    check_forced_type,
+    decode_base64,
+    encode_file_base64,
+    sniff_media,
+)
 from seedvr.io.media.video import VideoWriter, iter_frames, probe_video, read_frames
 
 PATTERN_TOLERANCE = 8.0  # largest mean-colour error of a frame after lossy codecs (measured: about 4)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from media_factory import (
     FFMPEG,
     HEIGHT,
@@ -25,10 +24,10 @@ from media_factory import (
     stream_line,
     write_video,
 )
+
 from seedvr.errors import INTERNAL, RestoreError
 from seedvr.io.media import encoders
 from seedvr.io.media.compare import side_by_side
-from seedvr.io.media.ffmpeg import packet_timing
 from seedvr.io.media.encoders import (
     available_encoders,
     choose_encoder,
@@ -42,6 +41,7 @@ from seedvr.io.media.encoders import (
     resolve_crf,
     video_encoder,
 )
+from seedvr.io.media.ffmpeg import packet_timing
 from seedvr.io.media.image import image_extension, image_mime, read_image, write_image
 from seedvr.io.media.payload import sniff_media
 from seedvr.io.media.video import VideoWriter, iter_frames, probe_video

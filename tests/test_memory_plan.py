@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from seedvr import settings
 from seedvr.engine import memory_plan
 from seedvr.engine.checkpoint import load_strict, read_state_dict
-from seedvr.errors import INVALID_INPUT, RestoreError
 from seedvr.engine.memory_plan import Estimate, Footprint, MemoryPlan, Wishes, candidates, choose, estimate
+from seedvr.engine.pipeline import SeedVR2
+from seedvr.errors import INVALID_INPUT, RestoreError
 from seedvr.models.block_offload import BlockOffload
 from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.vae import VideoAutoencoder
 from seedvr.models.vae_tiling import SpatialTiling, tile_starts
-from seedvr.engine.pipeline import SeedVR2
 from seedvr.serving.schema import parse_request
+from seedvr.serving.specs import restore_spec
 
 GIB = 1024**3
 FULL_3B, FULL_7B = Footprint.full_size("seedvr2_3b"), Footprint.full_size("seedvr2_7b")
@@ -90,11 +92,11 @@ def test_plenty_of_memory_gives_the_official_whole_clip_pass():
 def test_long_clips_are_chunked_at_the_cap_even_with_plenty_of_memory(monkeypatch):
     chosen, _ = choose(FULL_7B, 10**15, 122, P720, P720)
     assert (chosen.chunk_frames, chosen.chunk_overlap) == (121, 9)
-    monkeypatch.setenv(memory_plan.MAX_CHUNK_ENV, "45")
+    monkeypatch.setenv("SEEDVR_MAX_CHUNK_FRAMES", "45")
     chosen, _ = choose(FULL_7B, 10**15, 100, P720, P720)
     assert (chosen.chunk_frames, chosen.chunk_overlap) == (45, 9)
-    monkeypatch.setenv(memory_plan.MAX_CHUNK_ENV, "44")
-    with pytest.raises(RestoreError):
+    monkeypatch.setenv("SEEDVR_MAX_CHUNK_FRAMES", "44")
+    with pytest.raises(settings.SettingsError, match="SEEDVR_MAX_CHUNK_FRAMES must be 4n\\+1"):
         choose(FULL_7B, 10**15, 100, P720, P720)
 
 
@@ -174,12 +176,12 @@ def test_out_of_memory_message_names_the_size_that_fits():
 def test_simulated_device_raises_a_genuine_out_of_memory_error(monkeypatch):
     guess = Estimate(weights=100, phases={"dit": 50, "vae_decode": 80})
     memory_plan.check_simulated(guess, "dit")  # no budget injected: nothing happens
-    monkeypatch.setenv(memory_plan.TEST_BUDGET_ENV, "160")
+    monkeypatch.setenv("SEEDVR_TEST_MEMORY_BUDGET_BYTES", "160")
     memory_plan.check_simulated(guess, "dit")
     memory_plan.check_simulated(guess, "postprocess")
     with pytest.raises(torch.OutOfMemoryError):
         memory_plan.check_simulated(guess, "vae_decode")
-    monkeypatch.setenv(memory_plan.TEST_SCALE_ENV, "1.1")
+    monkeypatch.setenv("SEEDVR_TEST_MEMORY_SCALE", "1.1")
     with pytest.raises(torch.OutOfMemoryError):
         memory_plan.check_simulated(guess, "dit")
 
@@ -204,8 +206,8 @@ def test_memory_options_are_checked(fields, needle):
 def test_memory_options_reach_the_wishes():
     request = parse_request({"action": "restore", "media": "aGVsbG8=", "chunk_frames": 33, "chunk_overlap": 5,
                              "vae_tile_size": 256, "dit_offload": True})
-    assert Wishes.of(request) == Wishes(33, 5, None, 256, True)
-    assert Wishes.of(parse_request({"action": "restore", "media": "aGVsbG8="})) == Wishes()
+    assert restore_spec(request).memory == Wishes(33, 5, None, 256, True)
+    assert restore_spec(parse_request({"action": "restore", "media": "aGVsbG8="})).memory == Wishes()
 
 
 # ---- What the plan drives: VAE tiles and DiT offload
@@ -317,7 +319,7 @@ def test_a_plan_sets_the_models_up_and_back(tiny_vae, tiny_dit, golden):
 
 def test_footprint_of_a_loaded_pipeline_counts_its_tensors(tiny_vae, tiny_dit, golden):
     text = load_file(golden / "pipeline_tiny" / "text_embeds.safetensors")
-    footprint = Footprint.of(SeedVR2(tiny_dit, tiny_vae, text["pos"], text["neg"], device="cpu"))
+    footprint = SeedVR2(tiny_dit, tiny_vae, text["pos"], text["neg"], device="cpu").footprint()
     dit_bytes = sum(p.numel() * 4 for p in tiny_dit.parameters()) + sum(b.numel() * b.element_size()
                                                                          for b in tiny_dit.buffers())
     assert footprint.dit_blocks_bytes + footprint.dit_other_bytes == dit_bytes
@@ -325,6 +327,7 @@ def test_footprint_of_a_loaded_pipeline_counts_its_tensors(tiny_vae, tiny_dit, g
                                             + sum(b.numel() * b.element_size() for b in block.buffers())
                                             for block in tiny_dit.blocks)
     assert footprint.vae_bytes == sum(p.numel() * 4 for p in tiny_vae.parameters())
-    assert (footprint.dit_architecture, footprint.activation_bytes, footprint.vae_width) == ("NaDiT3B", 4, 8)
+    assert (footprint.dit_elements_per_token, footprint.activation_bytes, footprint.vae_width) == (
+        FULL_3B.dit_elements_per_token, 4, 8)  # the 3B's architecture constant, float32 activations
     assert footprint.dit_width == json.loads((golden / "dit3b_tiny" / "meta.json").read_text())[
         "config"]["kwargs"]["vid_dim"]

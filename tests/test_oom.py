@@ -10,12 +10,13 @@ from fractions import Fraction
 
 import pytest
 import torch
-
 from media_factory import pattern_frames, write_video
-from seedvr.serving import jobs
+
+import handler as worker
 from seedvr.engine import memory_plan
-from seedvr.io.media.video import probe_video
 from seedvr.engine.memory_plan import Footprint, Wishes, candidates, estimate
+from seedvr.io.media.video import probe_video
+from seedvr.serving import jobs
 
 FRAMES, HEIGHT, WIDTH = 12, 48, 64
 SCALE = 1.3  # the simulated device needs 30% more than the plan estimated
@@ -43,7 +44,7 @@ def restore(handler, clip, tmp_path, **fields):
 
 
 def footprint() -> Footprint:
-    return Footprint.of(jobs.HOLDER.current.pipeline)
+    return worker.HOLDER.current.restorer.footprint()
 
 
 def smallest_peak(frames: int, size: tuple[int, int]) -> int:
@@ -84,8 +85,8 @@ def test_retries_with_smaller_plans_until_one_fits(handler, clip, tmp_path, monk
     whole, guess = memory_plan.choose(footprint(), 10**15, FRAMES, (HEIGHT, WIDTH), (HEIGHT, WIDTH))
     assert whole.chunk_frames is None
     budget = guess.peak  # the plan believes the whole clip fits; the device needs 30% more
-    monkeypatch.setenv(memory_plan.TEST_BUDGET_ENV, str(budget))
-    monkeypatch.setenv(memory_plan.TEST_SCALE_ENV, str(SCALE))
+    monkeypatch.setenv("SEEDVR_TEST_MEMORY_BUDGET_BYTES", str(budget))
+    monkeypatch.setenv("SEEDVR_TEST_MEMORY_SCALE", str(SCALE))
 
     answer, video = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH)
     assert "error" not in answer, answer
@@ -107,7 +108,7 @@ def test_out_of_memory_names_a_size_that_fits_and_the_next_job_succeeds(handler,
     before = live_tensor_bytes()
     big = (96, 128)
     budget = (smallest_peak(FRAMES, big) + smallest_peak(FRAMES, (HEIGHT, WIDTH))) // 2
-    monkeypatch.setenv(memory_plan.TEST_BUDGET_ENV, str(budget))
+    monkeypatch.setenv("SEEDVR_TEST_MEMORY_BUDGET_BYTES", str(budget))
 
     answer, _ = restore(handler, clip, tmp_path, res_h=big[0], res_w=big[1])
     error = answer["error"]
@@ -122,7 +123,7 @@ def test_out_of_memory_names_a_size_that_fits_and_the_next_job_succeeds(handler,
     assert "error" not in answer, answer
     assert answer["processing_info"]["retries"] == []
     assert video.height <= height and video.width <= width and video.frame_count == FRAMES
-    monkeypatch.delenv(memory_plan.TEST_BUDGET_ENV)
+    monkeypatch.delenv("SEEDVR_TEST_MEMORY_BUDGET_BYTES")
     answer, video = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH)
     assert "error" not in answer and video.frame_count == FRAMES
 
@@ -132,12 +133,12 @@ def test_pinned_options_are_kept_on_retries_and_named_when_nothing_fits(handler,
     pinned = Wishes(chunk_frames=9, chunk_overlap=1, dit_offload=False)
     peaks = [estimate(plan, footprint(), FRAMES, (HEIGHT, WIDTH), (HEIGHT, WIDTH)).peak
              for plan in candidates(FRAMES, (HEIGHT, WIDTH), pinned)]
-    monkeypatch.setenv(memory_plan.TEST_BUDGET_ENV, str(min(peaks) - 1))
+    monkeypatch.setenv("SEEDVR_TEST_MEMORY_BUDGET_BYTES", str(min(peaks) - 1))
     answer, _ = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH, chunk_frames=9, chunk_overlap=1,
                         dit_offload=False)
     assert answer["error"].startswith("OUT_OF_MEMORY: ")
     assert "chunk_frames, chunk_overlap, dit_offload allow (leave them out" in answer["error"]
-    monkeypatch.delenv(memory_plan.TEST_BUDGET_ENV)
+    monkeypatch.delenv("SEEDVR_TEST_MEMORY_BUDGET_BYTES")
     answer, _ = restore(handler, clip, tmp_path, res_h=HEIGHT, res_w=WIDTH, chunk_frames=9, chunk_overlap=1,
                         dit_offload=False)
     plan = answer["processing_info"]["plan"]

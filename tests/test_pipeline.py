@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from seedvr.engine.checkpoint import load_strict, read_state_dict
-from seedvr.models.dit3b import NaDiT3B
-from seedvr.models.vae import VideoAutoencoder
 from seedvr.engine.pipeline import SeedVR2
 from seedvr.engine.preprocess import output_size
+from seedvr.engine.restorer import Sampling
+from seedvr.models.dit3b import NaDiT3B
+from seedvr.models.vae import VideoAutoencoder
 
 STAGE_ATOL = 1e-4
 
@@ -51,9 +52,11 @@ def image_run(golden):
 
 def restore_image(pipeline, run, **overrides):
     settings, tensors = run
-    kwargs = dict(res_h=settings["res_h"], res_w=settings["res_w"], seed=settings["seed"]) | overrides
+    injected = {name: overrides.pop(name) for name in ("eps", "noise") if name in overrides}
+    sampling = Sampling(**({"seed": settings["seed"]} | overrides))
     stages = {}
-    out = pipeline.restore(tensors["frames_uint8"].permute(0, 2, 3, 1), stages=stages, **kwargs)
+    out = pipeline.restore(tensors["frames_uint8"].permute(0, 2, 3, 1), res_h=settings["res_h"],
+                           res_w=settings["res_w"], sampling=sampling, stages=stages, **injected)
     return out, stages
 
 

@@ -5,8 +5,9 @@ import re
 import subprocess
 import sys
 
-from seedvr.serving.schema import describe, parse_request
 from worker_server import REPO_ROOT, make_job_tmp, tiny_environment
+
+from seedvr.serving.schema import describe, parse_request
 
 README = (REPO_ROOT / "README.md").read_text()
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from seedvr import settings
+from seedvr.errors import INVALID_INPUT, RestoreError
+from seedvr.models import registry
 from seedvr.serving import schema
-from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
 from seedvr.serving.schema import REQUIRED, HealthRequest, InitializeRequest, RestoreRequest, parse_request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,9 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Written from seedvr-runpod-api.md and the brief, not read from schema.py.
 CONTRACT_RESTORE_DEFAULTS = {
     "media_type": "auto", "res_h": 1280, "res_w": 720, "seed": 666, "cfg_scale": 1.0, "cfg_rescale": 0.0,
-    "sample_steps": 1, "model_type": None, "model_variant": "normal", "sp_size": 1, "attention_backend": "auto",
+    "sample_steps": 1, "model_type": None, "model_variant": None, "sp_size": None, "attention_backend": None,
     "color_fix": "wavelet",
-}
+}  # absent model fields: the warm model's (the contract's "normal", 1, "auto" when none is warm; test_model_holder)
 # issue 5's options, each with its default
 DELIVERY_OPTIONS = {
     "media_url": None, "preset": None, "scale": None, "max_resolution": (3840, 2160), "output_delivery": "auto",
@@ -28,7 +30,7 @@ DELIVERY_OPTIONS = {
 # issue 4's memory options (null: the memory plan chooses)
 MEMORY_OPTIONS = {"chunk_frames": None, "chunk_overlap": None, "vae_tiling": None, "vae_tile_size": None,
                   "dit_offload": None}
-CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": "normal", "sp_size": 1, "attention_backend": "auto"}
+CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": None, "sp_size": None, "attention_backend": None}
 SP_SIZES = {"seedvr2_3b": {1, 2, 4, 5, 10, 20}, "seedvr2_7b": {1, 2, 3, 4, 6, 8, 12, 24}}
 # (field, lowest accepted, highest accepted, just below, just above)
 NUMERIC_BOUNDS = [
@@ -43,7 +45,7 @@ CHOICES = {
     "media_type": ("auto", "video", "image"),
     "model_type": ("seedvr2_3b", "seedvr2_7b"),
     "model_variant": ("normal", "sharp"),
-    "attention_backend": ("auto", "sdpa", "flash"),
+    "attention_backend": ("auto", "flash", "sdpa"),
     "color_fix": ("wavelet", "adain", "none"),
 }
 MEGABYTE = "A" * 1_000_000
@@ -203,14 +205,17 @@ def test_sharp_exists_only_for_7b():
     assert parse_request(restore(model_type="seedvr2_7b", model_variant="sharp")).model_variant == "sharp"
     assert rejection(restore(model_type="seedvr2_3b", model_variant="sharp")) == \
         "model_variant 'sharp' exists only for seedvr2_7b, not seedvr2_3b"
-    message = rejection({"action": "initialize", "model_variant": "sharp"})
-    assert "only for seedvr2_7b, not seedvr2_3b" in message and "model_type is not given" in message
+    message = rejection(restore(preset="fast", model_variant="sharp"))
+    assert "only for seedvr2_7b, not seedvr2_3b" in message and "preset 'fast'" in message
+    # without a model named, the model holder decides (sharp means the 7B): test_model_holder
+    assert parse_request({"action": "initialize", "model_variant": "sharp"}).model_type is None
 
 
-@pytest.mark.parametrize("model_type", ["seedvr2_3b", "seedvr2_7b", None])
+@pytest.mark.parametrize("model_type", ["seedvr2_3b", "seedvr2_7b"])
 @pytest.mark.parametrize("action", ["initialize", "restore"])
 def test_sp_size_must_divide_the_heads(action, model_type):
-    allowed = SP_SIZES[model_type or "seedvr2_3b"]
+    """With a model named; without one, the model holder checks against the warm model (test_model_holder)."""
+    allowed = SP_SIZES[model_type]
     base = restore() if action == "restore" else {"action": "initialize"}
     for sp_size in range(1, 25):
         job_input = {**base, "model_type": model_type, "sp_size": sp_size}
@@ -220,7 +225,6 @@ def test_sp_size_must_divide_the_heads(action, model_type):
             message = rejection(job_input)
             assert message.startswith("sp_size must divide the") and message.endswith(f"got {sp_size}")
             assert ", ".join(map(str, sorted(allowed))) in message
-            assert ("model_type is not given" in message) == (model_type is None)
     for out_of_range in (0, 25, -4):
         assert rejection({**base, "sp_size": out_of_range}).startswith("sp_size must be an integer between 1 and")
 
@@ -276,10 +280,9 @@ def test_output_area_cap_follows_the_environment(monkeypatch):
     monkeypatch.setenv("SEEDVR_MAX_OUTPUT_AREA", "10000")
     assert parse_request(restore(res_h=100, res_w=100)).res_w == 100
     assert "at most 10000 pixels" in rejection(restore(res_h=101, res_w=100))
-    monkeypatch.setenv("SEEDVR_MAX_OUTPUT_AREA", "lots")
-    with pytest.raises(RestoreError) as caught:
+    monkeypatch.setenv("SEEDVR_MAX_OUTPUT_AREA", "lots")  # the worker refuses to start (test_settings)
+    with pytest.raises(settings.SettingsError, match="SEEDVR_MAX_OUTPUT_AREA must be an integer"):
         parse_request(restore())
-    assert caught.value.code == INTERNAL and "SEEDVR_MAX_OUTPUT_AREA" in caught.value.message
 
 
 # ---- Messages
@@ -293,7 +296,7 @@ def test_reports_every_problem_in_one_message():
 
 def test_rules_skip_fields_that_are_already_wrong():
     # res_h is invalid: the area rule must not run on it, and the bad sp_size is reported once.
-    message = rejection(restore(res_h=True, sp_size=7))
+    message = rejection(restore(res_h=True, sp_size=7, model_type="seedvr2_3b"))
     assert message.count("res_h") == 1 and message.count("sp_size") == 1
 
 
@@ -373,7 +376,7 @@ def test_head_counts_match_the_model_configs(model_type):
     path = REPO_ROOT / f"configs_{model_type.removeprefix('seedvr2_')}" / "main.yaml"
     if not path.is_file():
         pytest.skip(f"{path} not present")
-    assert omegaconf.OmegaConf.load(path).dit.kwargs.heads == schema.ATTENTION_HEADS[model_type]
+    assert omegaconf.OmegaConf.load(path).dit.kwargs.heads == registry.card(model_type).heads
 
 
 # ---- Issue 5 options

@@ -18,13 +18,13 @@ import psutil
 import pytest
 import torch
 
-from seedvr.engine import loader
-
-from seedvr.tools import tiny
-from seedvr.errors import RestoreError
-from seedvr.spgroup.group import SequenceParallelError, SequenceParallelGroup
 from seedvr.distributed.tokens import TokenShard
 from seedvr.distributed.vae_context import plan_pieces
+from seedvr.engine import loader
+from seedvr.engine.restorer import Sampling
+from seedvr.errors import RestoreError
+from seedvr.spgroup.group import SequenceParallelError, SequenceParallelGroup
+from seedvr.tools import tiny
 
 DIT_ATOL = 1e-4
 SP = 2
@@ -61,7 +61,7 @@ def references(installation):
 
     def get(model_type):
         if model_type not in loaded:
-            loaded[model_type] = loader.load_model(model_type, device=torch.device("cpu")).pipeline
+            loaded[model_type] = loader.load_pipeline(model_type, device=torch.device("cpu"))
         return loaded[model_type]
 
     return get
@@ -87,7 +87,7 @@ def clip(frames: int) -> np.ndarray:
 def test_restore_equals_single_process(groups, references, model_type, frames):
     """11 frames -> 13 padded -> the VAE splits 5 + 4 + 4 frames over two rounds (the second with a
     stand-in), the DiT 4 x 15 = 60 tokens; an image runs the VAE on rank 0 and still splits 15 tokens."""
-    options = dict(res_h=48, res_w=80, seed=7)
+    options = dict(res_h=48, res_w=80, sampling=Sampling(seed=7))
     timings, stages, phases = {}, {}, []
     out = groups(model_type).restore(clip(frames), timings=timings, stages=stages, on_phase=phases.append,
                                      **options)
@@ -108,7 +108,7 @@ def test_an_error_every_rank_raises_keeps_the_group(groups):
     pids = group.pids
     assert group.model_info == {"device": "cpu", "dtype": "float32", "random_weights": True, "devices": ["cpu"] * SP}
     with pytest.raises(ValueError, match="unknown color_fix"):
-        group.restore(clip(1), res_h=48, res_w=80, color_fix="sepia")
+        group.restore(clip(1), res_h=48, res_w=80, sampling=Sampling(color_fix="sepia"))
     assert group.alive() and group.pids == pids
 
 
@@ -129,11 +129,11 @@ def dit_inputs(txt_dim: int) -> dict:
 
 def _on_rank_dit(context, txt_dim):
     """The DiT under SP, and the rows its first block's MLP saw on this rank."""
-    dit = context.model.pipeline.dit  # the rank's wrapper: passes the group to the model
+    dit = context.pipeline.dit
     rows = []
-    hook = dit.model.blocks[0].mlp.for_vid.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    hook = dit.blocks[0].mlp.for_vid.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
     with torch.inference_mode():
-        out = dit(**dit_inputs(txt_dim))
+        out = dit(**dit_inputs(txt_dim), sp=context.sp)
     hook.remove()
     return out, rows
 
@@ -185,15 +185,15 @@ def vae_clip(frames: int) -> torch.Tensor:
 
 def _on_rank_vae(context, cases):
     """Encode and decode under SP, and the frame counts of the pieces the encoder's conv_in saw here."""
-    vae = context.model.pipeline.vae  # the rank's wrapper
+    vae = context.pipeline.vae
     results = []
     for frames, chunk in cases:
         vae.temporal_chunk = chunk
         pieces = []
-        hook = vae.model.encoder.conv_in.register_forward_pre_hook(lambda _, args: pieces.append(args[0].size(2)))
+        hook = vae.encoder.conv_in.register_forward_pre_hook(lambda _, args: pieces.append(args[0].size(2)))  # noqa: B023
         with torch.inference_mode():
-            mean, logvar = vae.encode(vae_clip(frames))
-            decoded = vae.decode(mean)
+            mean, logvar = vae.encode(vae_clip(frames), sp=context.sp)
+            decoded = vae.decode(mean, sp=context.sp)
         hook.remove()
         results.append((mean, logvar, decoded, pieces))
     return results
@@ -254,7 +254,7 @@ def test_a_killed_rank_fails_the_job_then_the_group_is_rebuilt(groups, reference
     assert not group.alive()
     assert not any(running(pid) for pid in old)  # the survivor was terminated too
 
-    options = dict(res_h=48, res_w=80, seed=3)
+    options = dict(res_h=48, res_w=80, sampling=Sampling(seed=3))
     out = group.restore(clip(5), **options)  # the next job starts a fresh group
     assert group.alive() and not set(group.pids) & set(old)
     off = (out.int() - references("seedvr2_3b").restore(clip(5), **options).int()).abs()

@@ -29,12 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from seedvr.engine import loader
-
-from seedvr.tools import tiny
-
-from seedvr.tools import weights
 from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.errors import CheckpointError
+from seedvr.tools import tiny, weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -352,7 +349,7 @@ def installation(tiny_dir, tmp_path, monkeypatch) -> Path:
 
 def built(model_type: str, checkpoint: Path):
     """The DiT as the loader builds it for a GPU: strict load, fp32, then the bf16 compute policy."""
-    dit, _ = loader.build_models(loader.load_config(model_type))
+    dit, _ = loader.build_models(model_type, loader.load_config(model_type))
     load_strict(dit, read_state_dict(checkpoint), checkpoint)
     return dit.to(torch.float32).to_compute_dtype(torch.bfloat16)
 
@@ -382,7 +379,7 @@ def test_the_loader_prefers_the_converted_files(installation):
     assert not (ckpts / "seedvr2_ema_7b.pth").exists() and not (ckpts / "ema_vae.pth").exists()
     files = loader.check_files("seedvr2_7b", "normal")
     assert (files.dit.name, files.vae.name) == ("seedvr2_ema_7b.safetensors", "ema_vae.safetensors")
-    model = loader.load_model("seedvr2_7b", device=torch.device("cpu"))
+    model = loader.load_pipeline("seedvr2_7b", device=torch.device("cpu"))
     assert model.random_weights
     weights.download("seedvr2_7b")  # every file present: verifies, asks no hub (HF_ENDPOINT is not even set)
 

@@ -4,7 +4,7 @@ Schedule (T = 1000): x_t = A(t)·x_0 + B(t)·x_T with A = 1 − t/T, B = t/T; x_
 The model predicts v ≈ x_T − x_0. One step (the SeedVR2 setting) is a single call at t = T: x_0 = x_T − v.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

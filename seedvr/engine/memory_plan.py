@@ -51,6 +51,8 @@ from seedvr.models.registry import VAE_BYTES, VAE_WIDTH, ModelCard, card, card_o
 
 if TYPE_CHECKING:
     from seedvr.engine.restorer import Restorer
+    from seedvr.models.dit_base import NaDiTBase
+    from seedvr.models.vae import VideoAutoencoder
 
 GIB = 1024**3
 
@@ -111,12 +113,11 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def measure_footprint(dit: torch.nn.Module, vae: torch.nn.Module, dtype: torch.dtype) -> Footprint:
+def measure_footprint(dit: "NaDiTBase", vae: "VideoAutoencoder", dtype: torch.dtype) -> Footprint:
     """The footprint of a loaded DiT and VAE computing in `dtype`."""
-    blocks = [_tensor_bytes(block) for block in dit.blocks]  # type: ignore[union-attr]
-    return Footprint(card_of(dit).dit_elements_per_token, dit.vid_in.proj.out_features,  # type: ignore[union-attr]
-                     sum(blocks), max(blocks), _tensor_bytes(dit) - sum(blocks), _tensor_bytes(vae),
-                     vae.encoder.conv_in.out_channels, torch.finfo(dtype).bits // 8)  # type: ignore[union-attr]
+    blocks = [_tensor_bytes(block) for block in dit.blocks]
+    return Footprint(card_of(dit).dit_elements_per_token, dit.width, sum(blocks), max(blocks),
+                     _tensor_bytes(dit) - sum(blocks), _tensor_bytes(vae), vae.width, torch.finfo(dtype).bits // 8)
 
 
 def resident_bytes(modules: Iterable[torch.nn.Module], device: torch.device) -> int:
@@ -211,17 +212,19 @@ def candidates(frames: int, output_size: tuple[int, int], wishes: Wishes, max_ch
     """Every plan the wishes allow, best first (see the module docstring)."""
     max_chunk = max_chunk_frames() if max_chunk is None else max_chunk
     if wishes.chunk_frames is not None:
-        chunks = [None if wishes.chunk_frames >= frames else wishes.chunk_frames]
+        chunks: list[int | None] = [None if wishes.chunk_frames >= frames else wishes.chunk_frames]
     else:
         shortest = (wishes.chunk_overlap or 0) + 1
         lengths = sorted({*CHUNK_LENGTHS, max_chunk}, reverse=True)
         chunks = ([None] if frames <= max_chunk else []) + [
             length for length in lengths if shortest <= length < frames and length <= max_chunk]
         chunks = chunks or [VAE_TEMPORAL_STRIDE * math.ceil((shortest - 1) / VAE_TEMPORAL_STRIDE) + 1]
+    tiles: list[int | None]
     if wishes.vae_tile_size is not None:
         tiles = [wishes.vae_tile_size]
     else:
-        tiles = {True: list(TILE_SIZES), False: [None], None: [None, *TILE_SIZES]}[wishes.vae_tiling]
+        tilings: dict[bool | None, list[int | None]] = {True: [*TILE_SIZES], False: [None], None: [None, *TILE_SIZES]}
+        tiles = tilings[wishes.vae_tiling]
     tiles = [tile for tile in tiles if tile is None or tile < max(output_size)] or [None]
     offloads = [False, True] if wishes.dit_offload is None else [wishes.dit_offload]
     slicings = [None, OFFICIAL_VAE_SLICE] if frames > 1 else [None]
@@ -240,13 +243,14 @@ def candidates(frames: int, output_size: tuple[int, int], wishes: Wishes, max_ch
 def choose(footprint: Footprint, budget: int, frames: int, input_size, output_size,
            wishes: Wishes = Wishes()) -> tuple[MemoryPlan, Estimate]:
     """The best plan whose estimate fits `budget` bytes, or the one needing least when none does."""
-    smallest = None
+    smallest: tuple[MemoryPlan, Estimate] | None = None
     for plan in candidates(frames, output_size, wishes):
         guess = estimate(plan, footprint, frames, input_size, output_size)
         if guess.peak <= budget:
             return plan, guess
         if smallest is None or guess.peak < smallest[1].peak:
             smallest = (plan, guess)
+    assert smallest is not None, "every request has at least one candidate plan"
     return smallest
 
 

@@ -248,7 +248,7 @@ class _StageRecorder:
 
     def __init__(self, stages: dict | None):
         self.stages = stages
-        self.appended = set()  # names recorded in pieces during this run
+        self.appended: set[str] = set()  # names recorded in pieces during this run
 
     def __call__(self, name: str, tensor: torch.Tensor, append: bool = False) -> None:
         """Record `tensor` under `name`; with append, concatenate it to what this run recorded before."""

@@ -144,7 +144,7 @@ def _failure_reason(error: BaseException) -> str:
     """The S3 error code (e.g. NoSuchBucket, InvalidAccessKeyId) if there is one, else the error's type."""
     from botocore.exceptions import ClientError
 
-    cause = error
+    cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, ClientError):
             return cause.response.get("Error", {}).get("Code") or type(cause).__name__

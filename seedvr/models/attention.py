@@ -13,6 +13,7 @@ Backends:
 """
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,9 @@ SDPA_MAX_SCORES = 1 << 28  # attention-matrix elements per SDPA call; bounds the
 
 
 @functools.cache
-def _flash_varlen_func():
+def _flash_varlen_func() -> Callable[..., torch.Tensor] | None:
     try:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]  # optional CUDA-only extra
     except ImportError:
         return None
     return flash_attn_varlen_func
@@ -69,15 +70,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return _sdpa_attention(q, k, v, cu_seqlens)
 
 
-def _flash_attention(q, k, v, cu_seqlens, max_seqlen):
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int) -> torch.Tensor:
+    flash_varlen = _flash_varlen_func()
+    assert flash_varlen is not None  # varlen_attention only picks "flash" when flash-attn imported
     dtype = q.dtype if q.dtype in HALF_DTYPES else torch.bfloat16
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    out = _flash_varlen_func()(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens_q=cu_seqlens,
-                               cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    out = flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens_q=cu_seqlens,
+                       cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
     return out.to(q.dtype)
 
 
-def _sdpa_attention(q, k, v, cu_seqlens):
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     bounds = cu_seqlens.tolist()
     starts_by_length: dict[int, list[int]] = {}
     for start, stop in zip(bounds[:-1], bounds[1:]):

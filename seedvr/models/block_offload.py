@@ -16,11 +16,11 @@ from torch import nn
 
 
 class BlockOffload:
-    def __init__(self, blocks: nn.ModuleList, device: torch.device):
+    def __init__(self, blocks: nn.ModuleList, device: torch.device) -> None:
         self.device = torch.device(device)
         self.loaded: int | None = None  # the block whose weights are on the device now
         pin = self.device.type == "cuda"
-        self.homes = []  # per block: (tensor of the module, its host copy)
+        self.homes: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per block: (tensor of the module, its host copy)
         for block in blocks:
             tensors = [*block.parameters(), *block.buffers()]
             homes = [(tensor, tensor.data.to("cpu")) for tensor in tensors]

@@ -31,7 +31,7 @@ class TemporalCache:
     next chunk starts from that tail instead of replicating its first frame.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.is_first_chunk = True
         self._tails: dict[nn.Module, Tensor] = {}
 
@@ -65,7 +65,9 @@ class CausalConv3d(nn.Conv3d):
     each with the halo rows its kernel needs (exact).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0,
+                 bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=bias)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         self.time_padding = pt
@@ -106,7 +108,7 @@ class CausalConv3d(nn.Conv3d):
         if pieces <= 1:
             return F.conv3d(x, self.weight, self.bias, self.stride, (0, ph, pw))
 
-        out = None
+        out: Tensor | None = None
         for first, last in _even_ranges(rows_out, pieces):
             # input rows [top, bottom) in unpadded coordinates, may reach into the zero padding
             top = first * sh - ph
@@ -117,6 +119,7 @@ class CausalConv3d(nn.Conv3d):
             if out is None:
                 out = rows.new_empty(*rows.shape[:3], rows_out, rows.size(4))
             out[:, :, :, first:last] = rows
+        assert out is not None  # pieces > 1, so the loop ran
         return out
 
 

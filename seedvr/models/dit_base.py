@@ -67,6 +67,7 @@ class NaDiTBase(nn.Module):
     """
 
     patch_size: tuple[int, int, int]
+    blocks: nn.ModuleList  # the transformer blocks, built by the subclass
 
     def __init__(self):
         super().__init__()
@@ -75,6 +76,11 @@ class NaDiTBase(nn.Module):
         # float32 attention (the goldens' `vid_sample`); on: the official rounding (`vid_sample_bf16qkv`).
         self.round_qkv_to_bf16 = False
         self.block_offload = None  # a seedvr.models.block_offload.BlockOffload: blocks visit the device in turn
+
+    @property
+    def width(self) -> int:
+        """The model width (vid_dim): channels of every video token."""
+        return self.vid_in.proj.out_features
 
     def _build_trunk(self, *, vid_in_channels: int, vid_dim: int, txt_in_dim: int, txt_dim: int, emb_dim: int,
                      norm: str, qk_norm: str, ada: str, mlp_type: str, patch_size, num_layers: int, block_type,

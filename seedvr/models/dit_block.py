@@ -61,9 +61,9 @@ class WindowAttention(nn.Module):
         vid_out, txt_out = self.attend(vid_qkv, txt_qkv, packing, positions, backend, need_txt, round_qkv_to_bf16)
         if shards is not None:  # all rows, this rank's heads -> this rank's rows, all heads
             vid_out = shards[0].scatter_rows(vid_out)
-            txt_out = shards[1].scatter_rows(txt_out) if need_txt else None
+            txt_out = shards[1].scatter_rows(txt_out) if txt_out is not None else None  # None iff not need_txt
         vid_out = self.proj_out.for_vid(vid_out.flatten(1))
-        txt_out = self.proj_out.for_txt(txt_out.flatten(1)) if need_txt else None
+        txt_out = self.proj_out.for_txt(txt_out.flatten(1)) if txt_out is not None else None
         return vid_out, txt_out
 
     def attend(self, vid_qkv: torch.Tensor, txt_qkv: torch.Tensor, packing: WindowPacking,

@@ -8,6 +8,7 @@ results are rounded back to the activation dtype exactly where the official auto
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +30,20 @@ class RMSNorm(nn.Module):
         return normed if self.weight is None else normed * self.weight.to(x.dtype)
 
 
-class MM(nn.Module):
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class MM(nn.Module, Generic[ModuleT]):
     """One module per stream under the checkpoint's names `.vid.` and `.txt.`, or a single shared `.all.`.
 
     `vid_only` drops the text module (only meaningful without sharing: a shared `.all.` always exists).
     """
 
-    def __init__(self, make: Callable[[], nn.Module], shared: bool, vid_only: bool = False):
+    all: ModuleT
+    vid: ModuleT
+    txt: ModuleT | None
+
+    def __init__(self, make: Callable[[], ModuleT], shared: bool, vid_only: bool = False) -> None:
         super().__init__()
         self.shared = shared
         if shared:
@@ -45,11 +53,11 @@ class MM(nn.Module):
             self.txt = None if vid_only else make()
 
     @property
-    def for_vid(self) -> nn.Module:
+    def for_vid(self) -> ModuleT:
         return self.all if self.shared else self.vid
 
     @property
-    def for_txt(self) -> nn.Module:
+    def for_txt(self) -> ModuleT:
         module = self.all if self.shared else self.txt
         if module is None:
             raise RuntimeError("this MM module has no text weights (vid_only)")
@@ -100,6 +108,7 @@ def modulate_in(x: torch.Tensor, mod: Modulation, lengths: list[int]) -> torch.T
 
 def modulate_out(x: torch.Tensor, mod: Modulation, lengths: list[int]) -> torch.Tensor:
     """In place: x <- x * gate per sample."""
+    assert mod.gate is not None  # only the output head's shift/scale modulation lacks a gate, and it never gates
     for b, rows in enumerate(x.split(lengths)):
         rows.mul_(mod.gate[b])
     return x

@@ -79,6 +79,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class RopeFrequencies(nn.Module):
     """Holds the `freqs` buffer under the checkpoint's name `rope.rope.freqs`."""
 
+    freqs: torch.Tensor  # registered buffer
+
     def __init__(self, freqs: torch.Tensor):
         super().__init__()
         self.register_buffer("freqs", freqs.float(), persistent=True)
@@ -94,7 +96,9 @@ class MMRope3d(nn.Module):
             raise ValueError(f"rope_dim {rope_dim} rotates {6 * len(freqs)} channels, more than head_dim {head_dim}")
         self.rope = RopeFrequencies(freqs)
 
-    def forward(self, vid_q, vid_k, txt_q, txt_k, positions: RopePositions):
+    def forward(self, vid_q: torch.Tensor, vid_k: torch.Tensor, txt_q: torch.Tensor, txt_k: torch.Tensor,
+                positions: RopePositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert positions.txt is not None  # mmrope_positions always rotates text
         vid_cos, vid_sin = cos_sin(positions.vid, self.rope.freqs)
         txt_cos, txt_sin = cos_sin(positions.txt, self.rope.freqs)
         return (rotate(vid_q, vid_cos, vid_sin), rotate(vid_k, vid_cos, vid_sin),
@@ -108,6 +112,7 @@ class PixelRope3d(nn.Module):
         super().__init__()
         self.rope = RopeFrequencies(pixel_frequencies(head_dim // 2 // 3))
 
-    def forward(self, vid_q, vid_k, txt_q, txt_k, positions: RopePositions):
+    def forward(self, vid_q: torch.Tensor, vid_k: torch.Tensor, txt_q: torch.Tensor, txt_k: torch.Tensor,
+                positions: RopePositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cos, sin = cos_sin(positions.vid, self.rope.freqs)
         return rotate(vid_q, cos, sin), rotate(vid_k, cos, sin), txt_q, txt_k

@@ -107,6 +107,11 @@ class VideoAutoencoder(nn.Module):
         self.post_quant_conv = CausalConv3d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
     @property
+    def width(self) -> int:
+        """Channels of the full-resolution stage (block_out_channels[0]): the memory plan's activation unit."""
+        return self.encoder.conv_in.out_channels
+
+    @property
     def conv_max_bytes(self) -> int:
         """Largest padded conv input processed in one piece; larger ones are split along H (exact)."""
         return next(m.max_input_bytes for m in self.modules() if isinstance(m, CausalConv3d))

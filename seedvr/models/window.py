@@ -92,7 +92,7 @@ def _grid_lookup(cuts: list[list[Interval]], grid: Grid) -> tuple[torch.Tensor, 
     (it, lt, et), (ih, lh, eh), (iw, lw, ew) = (_axis_lookup(c, n) for c, n in zip(cuts, grid))
     n_t, n_h = len(cuts[0]), len(cuts[1])
 
-    def per_token(t, h, w):
+    def per_token(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.stack(torch.broadcast_tensors(t[:, None, None], h[None, :, None], w[None, None, :]), -1)
 
     window_id = (iw[None, None, :] * n_h + ih[None, :, None]) * n_t + it[:, None, None]
@@ -140,7 +140,13 @@ def pack_windows(method: str, num_windows: tuple[int, int, int], grids: list[Gri
     if len(grids) != len(txt_lengths):
         raise ValueError(f"{len(grids)} video grids but {len(txt_lengths)} text lengths")
     num_vid = sum(math.prod(grid) for grid in grids)
-    pack_index, vid_rows, txt_rows, seqlens, local, extent, windows = [], [], [], [], [], [], []
+    pack_index: list[torch.Tensor] = []
+    vid_rows: list[torch.Tensor] = []
+    txt_rows: list[torch.Tensor] = []
+    seqlens: list[torch.Tensor] = []
+    local: list[torch.Tensor] = []
+    extent: list[torch.Tensor] = []
+    windows: list[list[WindowSlices]] = []
     vid_offset = txt_offset = packed_offset = 0
     for grid, txt_length in zip(grids, txt_lengths):
         cuts = axis_intervals(method, grid, num_windows)
@@ -172,8 +178,8 @@ def pack_windows(method: str, num_windows: tuple[int, int, int], grids: list[Gri
         txt_offset += txt_length
         packed_offset += int(seq_len.sum())
 
-    seqlens = torch.cat(seqlens)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, 0), (1, 0)).to(torch.int32)
+    all_seqlens = torch.cat(seqlens)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(all_seqlens, 0), (1, 0)).to(torch.int32)
     return WindowPacking(
         windows=windows,
         pack_index=torch.cat(pack_index).to(device),
@@ -182,7 +188,7 @@ def pack_windows(method: str, num_windows: tuple[int, int, int], grids: list[Gri
         txt_copies=[len(sample) for sample in windows],
         txt_lengths=list(txt_lengths),
         cu_seqlens=cu_seqlens.to(device),
-        max_seqlen=int(seqlens.max()),
+        max_seqlen=int(all_seqlens.max()),
         local_coords=torch.cat(local).to(device),
         window_extent=torch.cat(extent).to(device),
     )

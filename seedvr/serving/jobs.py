@@ -188,7 +188,7 @@ def restore_item(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: I
     frames_before = progress.frames_done
     while True:
         files, failure = _out_of_memory(
-            lambda: _run_plan(model, spec, item, size, plan, guess, workdir, progress, timings))
+            lambda: _run_plan(model, spec, item, size, plan, guess, workdir, progress, timings))  # noqa: B023 (run now)
         if files is not None:
             break
         _free_device_memory()  # the failed attempt's tensors are unreachable now

@@ -25,8 +25,14 @@ from seedvr.engine import loader
 from seedvr.engine.restorer import Restorer
 from seedvr.errors import INVALID_INPUT, CheckpointError, RestoreError
 from seedvr.models.attention import resolve_backend
-from seedvr.models.registry import DEFAULT_MODEL_TYPE, DEFAULT_VARIANT, card, owners_of, sp_size_problem, \
-    variant_problem
+from seedvr.models.registry import (
+    DEFAULT_MODEL_TYPE,
+    DEFAULT_VARIANT,
+    card,
+    owners_of,
+    sp_size_problem,
+    variant_problem,
+)
 from seedvr.serving.specs import ModelChoice
 from seedvr.spgroup.group import SequenceParallelGroup
 from seedvr.tools import weights

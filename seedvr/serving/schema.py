@@ -397,7 +397,8 @@ class RestoreRequest(ModelOptions):
 
 
 Request = HealthRequest | InitializeRequest | RestoreRequest
-REQUEST_TYPES: dict[str, type] = {request.action: request for request in get_args(Request)}
+REQUEST_TYPES: dict[str, type[HealthRequest] | type[InitializeRequest] | type[RestoreRequest]] = {
+    request.action: request for request in get_args(Request)}
 
 
 def _table_of(request_type: type) -> tuple[Field, ...]:
@@ -418,7 +419,8 @@ def _show(value: Any) -> str:
         return json.dumps(value)  # true, null, 720.5, NaN
     if isinstance(value, int):
         return str(value) if value.bit_length() <= 64 else "a very large integer"
-    return {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
+    kinds: dict[type, str] = {dict: "an object", list: "a list"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def _did_you_mean(value: Any, candidates: Iterable[str]) -> str:

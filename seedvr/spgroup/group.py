@@ -53,7 +53,7 @@ class SequenceParallelError(RestoreError):
 @dataclass
 class _Rank:
     index: int
-    process: multiprocessing.Process
+    process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
 
 
@@ -165,7 +165,7 @@ class SequenceParallelGroup:
 
     @property
     def pids(self) -> list[int]:
-        return [rank.process.pid for rank in self._ranks]
+        return [rank.process.pid for rank in self._ranks if rank.process.pid is not None]
 
     def close(self) -> None:
         """Stop every rank and wait for its process to end (idempotent)."""

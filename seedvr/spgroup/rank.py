@@ -84,13 +84,15 @@ def rank_main(rank: int, spec: RankSpec, conn) -> None:
 def _exit_with_parent() -> None:
     """End this process as soon as the driver's process is gone, whatever this one is blocked in."""
     parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    sentinel = parent.sentinel
 
-    def watch():
-        multiprocessing.connection.wait([parent.sentinel])
+    def watch() -> None:
+        multiprocessing.connection.wait([sentinel])
         os._exit(1)
 
-    if parent is not None:
-        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _join_and_load(rank: int, spec: RankSpec) -> RankContext:
@@ -129,7 +131,7 @@ def _serve(context: RankContext, conn) -> None:
             return
         try:
             if kind == "restore":
-                result = _restore(context, body, lambda name: wire.send(conn, ("phase", job_id, name)))
+                result = _restore(context, body, lambda name: wire.send(conn, ("phase", job_id, name)))  # noqa: B023
             elif kind == "call":
                 fn, args = body
                 result = fn(context, *args)
@@ -145,7 +147,8 @@ def _restore(context: RankContext, body, send_phase):
     """Rank 0: (uint8 frames, timings, stages or None); other ranks: None."""
     frames, options, want_stages, want_phases = body
     lead = context.rank == 0
-    timings, stages = {}, {} if want_stages and lead else None
+    timings: dict[str, float] = {}
+    stages: dict[str, torch.Tensor] | None = {} if want_stages and lead else None
     if want_phases and lead:
         options["on_phase"] = send_phase
     restored = context.pipeline.restore(torch.from_numpy(frames), timings=timings, stages=stages,

@@ -80,7 +80,7 @@ class RemoteError:
     def rebuild(self, rank: int) -> Exception:
         """The exception to raise in the driver: the same kind of error the single-process pipeline raises."""
         if self.kind == "restore":
-            return RestoreError(self.code, self.message)
+            return RestoreError(self.code or INTERNAL, self.message)
         if self.kind == "oom":
             return torch.OutOfMemoryError(self.message)
         if self.kind == "value":

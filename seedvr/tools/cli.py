@@ -81,7 +81,7 @@ def output_stems(files: list[Path]) -> list[str]:
 def restore_file(holder: ModelHolder, spec: RestoreSpec, model: ModelSpec, path: Path, outdir: Path, stem: str,
                  index: int) -> dict:
     started = time.perf_counter()
-    row = {"file": str(path), "kind": "-", "input": "-", "output": "-", "frames": "-", "status": "ok"}
+    row: dict[str, object] = {"file": str(path), "kind": "-", "input": "-", "output": "-", "frames": "-", "status": "ok"}
     with tempfile.TemporaryDirectory(prefix="seedvr-cli-") as tmp:
         workdir = Path(tmp)
         try:

@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 
 from seedvr.engine.checkpoint import compare_with_manifest, load_strict, read_manifest, read_state_dict
 from seedvr.engine.colorfix import color_fix
+from seedvr.engine.loader import build_models, load_config
+from seedvr.engine.pipeline import SeedVR2
+from seedvr.engine.preprocess import preprocess
+from seedvr.engine.restorer import Sampling
 from seedvr.errors import CheckpointError
 from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.dit7b import NaDiT7B
 from seedvr.models.vae import VideoAutoencoder
-from seedvr.engine.loader import build_models, load_config
-from seedvr.engine.pipeline import SeedVR2
-from seedvr.engine.restorer import Sampling
-from seedvr.engine.preprocess import preprocess
 
 DIT_ATOL = 1e-4
 DIT_BF16_QKV_ATOL = 2e-3

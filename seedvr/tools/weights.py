@@ -38,7 +38,6 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from safetensors import SafetensorError, safe_open
 
 from seedvr.engine import loader
-
 from seedvr.engine.checkpoint import compare_shapes, describe_mismatches, read_state_dict, state_dict_shapes
 from seedvr.errors import CheckpointError, RestoreError
 from seedvr.models.registry import WEIGHT_SETS, card, split_weight_set
