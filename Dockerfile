@@ -58,7 +58,7 @@ FROM flash-attn-${INSTALL_FLASH_ATTN} AS flash-attn
 FROM deps
 ARG BAKE_MODEL=""
 ARG BAKE_FORMAT=safetensors
-# Baked weights are used even when a network volume is mounted (empty values leave the choice to seedvr/paths.py).
+# Baked weights are used even when a network volume is mounted (empty values leave the choice to seedvr/settings.py).
 ENV SEEDVR_CKPT_DIR=${BAKE_MODEL:+/app/ckpts} SEEDVR_EMBEDDINGS_DIR=${BAKE_MODEL:+/app/embeddings} \
     HF_HUB_DISABLE_PROGRESS_BARS=1
 COPY --from=flash-attn /wheels /tmp/wheels

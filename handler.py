@@ -73,7 +73,9 @@ def handler(job: dict) -> dict:
                              f"(job {job_id})"}
 
 
-def main() -> None:
+def prepare() -> None:
+    """Check the settings and the machine (exit 1 naming the problem), and register the same checks with runpod,
+    which runs them again in production and marks a failing worker unhealthy instead of failing its jobs."""
     problems = fitness.problems()
     if problems:
         for problem in problems:
@@ -81,8 +83,12 @@ def main() -> None:
         sys.exit(1)
     for name in settings.unknown_variables(dict(os.environ)):
         log.warning("unknown setting %s is ignored", name)
-    for check in fitness.CHECKS:  # RunPod runs them again in production and marks a failing worker unhealthy
+    for check in fitness.CHECKS:
         runpod.serverless.register_fitness_check(check)
+
+
+def main() -> None:
+    prepare()
     runpod.serverless.start({"handler": handler})
 
 

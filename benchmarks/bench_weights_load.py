@@ -1,12 +1,14 @@
-"""Load time of the official .pth checkpoints against the bf16 .safetensors that `seedvr.tools.weights convert` writes.
+"""Load time of the official .pth checkpoints against the bf16 .safetensors that `python -m seedvr.weights convert`
+writes.
 
     python benchmarks/bench_weights_load.py [--dit-layers 4] [--runs 7] [--dir /tmp/seedvr-bench]
 
 Random weights at real widths: the full-size VAE and a DiT of 3B width with few layers (the whole 3B
 is 32 layers, 13.6 GB). One load = read the file, strict load into the model built on the meta device,
 cast to the GPU dtype policy (DiT: Linear bf16, the rest fp32; VAE: bf16), and copy every tensor out of
-the file's memory map (what the copy to the GPU does). The page cache is warm (one untimed load first), so the numbers measure deserialising and
-casting; on a cold network volume the read itself dominates, and it scales with the file size printed.
+the file's memory map (what the copy to the GPU does). The page cache is warm (one untimed load first), so the
+numbers measure deserialising and casting; on a cold network volume the read itself dominates,
+and it scales with the file size printed.
 Prints markdown table rows: median (min-max) of the runs.
 """
 

@@ -1,4 +1,4 @@
-"""Measure the working-set constants of seedvr/memory_plan.py on this machine.
+"""Measure the working-set constants of seedvr/engine/memory_plan.py on this machine.
 
     python benchmarks/calibrate_memory.py            # every part, prints a markdown table
     python benchmarks/calibrate_memory.py --part vae_decode

@@ -7,7 +7,7 @@ the plan's 121-frame cap; exact measures only: VAE slicing, DiT offload), and th
 clip (chunk length, DiT offload, VAE tiles).
 The budget is what `available_memory` would report on an idle card: 90% of (size - 1 GiB for the CUDA
 context) plus the model's weights, which live on the card. Re-run it after calibrating the constants
-in seedvr/memory_plan.py.
+in seedvr/engine/memory_plan.py.
 """
 
 import sys

@@ -36,7 +36,7 @@ class CheckpointError(RestoreError):
         super().__init__(MODEL_NOT_AVAILABLE, message)
 
 
-def excerpt(value, limit: int = 40) -> str:
+def excerpt(value: object, limit: int = 40) -> str:
     """A short, printable excerpt of a client value for error messages."""
     text = value if isinstance(value, str) else repr(value)
     text = "".join(ch if ch.isprintable() else "?" for ch in text)

@@ -8,7 +8,9 @@ from media_factory import make_image, make_video
 from PIL import Image
 from worker_server import REPO_ROOT, make_job_tmp, tiny_environment
 
-from seedvr.io.media.video import probe_video
+from seedvr.io.media.video import probe_video, read_frames
+
+pytestmark = pytest.mark.slow  # servers, rank processes or subprocesses: not in the fast lane
 
 
 def run_cli(tiny_dir, *args):
@@ -59,3 +61,21 @@ def test_options_are_validated_by_the_schema(tiny_dir, tmp_path):
     assert result.returncode == 2 and "container" in result.stderr
     result = run_cli(tiny_dir, tmp_path, "-o", tmp_path / "out", "--res-h", "5")
     assert result.returncode == 2 and "res_h must be an integer between 16 and 8192" in result.stderr
+
+
+def test_sp_size_2_runs_two_rank_processes_and_equals_one_process(tiny_dir, tmp_path):
+    """The command line passes sp_size on: the model runs in two rank processes (gloo on CPU), and the frames
+    equal the single-process run up to the float reduction order."""
+    source = make_video(tmp_path, "mp4_aac")
+    outputs = {}
+    for sp_size in (1, 2):
+        outdir = tmp_path / f"sp{sp_size}"
+        result = run_cli(tiny_dir, source, "-o", outdir, "--res-h", "64", "--res-w", "96", "--crf", "0",
+                         "--sp-size", str(sp_size))
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[sp_size] = (result.stderr, outdir / "clip.restored.mp4")
+    assert "seedvr2_3b (normal) on 2 processes (cpu, cpu)" in outputs[2][0]
+    assert "seedvr2_3b (normal) on cpu" in outputs[1][0]
+    one, two = (read_frames(path, probe_video(path)).astype(int) for _, path in outputs.values())
+    assert one.shape == two.shape and one.std() > 5
+    assert abs(one - two).max() <= 6 and abs(one - two).mean() < 0.01

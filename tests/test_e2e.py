@@ -16,6 +16,8 @@ from worker_server import WorkerServer, make_job_tmp, tiny_environment
 
 from seedvr.io.media.video import iter_frames, probe_video, read_frames
 
+pytestmark = pytest.mark.slow  # servers, rank processes or subprocesses: not in the fast lane
+
 
 @pytest.fixture(scope="session")
 def job_tmp():

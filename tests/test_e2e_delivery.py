@@ -23,6 +23,8 @@ from worker_server import WorkerServer, make_job_tmp, tiny_environment
 from seedvr.io.media.payload import sniff_media
 from seedvr.io.media.video import probe_video
 
+pytestmark = pytest.mark.slow  # servers, rank processes or subprocesses: not in the fast lane
+
 
 class ProgressReceiver(ThreadingHTTPServer):
     """Collects the progress updates the worker posts, as {job id: [update, ...]}."""

@@ -2,12 +2,15 @@
 
 import base64
 import gc
+import json
+import os
 import subprocess
 import sys
 import threading
 import weakref
 
 import pytest
+from conftest import S3_BUCKET
 from media_factory import make_image
 from worker_server import REPO_ROOT, tiny_paths
 
@@ -95,6 +98,7 @@ def test_switching_models_frees_the_old_one(tiny_env):
     assert handler.HOLDER.describe()["model_type"] == "seedvr2_7b"
 
 
+@pytest.mark.slow
 def test_runpod_debug_turns_on_verbose_logging():
     probe = "import logging, handler; print(logging.getLogger().getEffectiveLevel())"
     levels = {}
@@ -103,3 +107,19 @@ def test_runpod_debug_turns_on_verbose_logging():
         out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         levels[value] = int(out.stdout.strip().splitlines()[-1])
     assert levels == {"1": 10, "0": 20}
+
+
+@pytest.mark.slow
+def test_every_log_line_of_a_job_names_the_job(tiny_dir, tmp_path, s3_endpoint):
+    """Model loading, the plan and the upload all log under the job's id (runpod's test job is `local_test`)."""
+    path, _, _ = make_image(tmp_path, "jpeg")
+    job = {"input": {"action": "restore", "media": base64.b64encode(path.read_bytes()).decode(), "res_h": 64,
+                     "res_w": 96, "output_delivery": "url"}}
+    env = {**os.environ, **tiny_paths(tiny_dir), "BUCKET_ENDPOINT_URL": f"{s3_endpoint}/{S3_BUCKET}",
+           "BUCKET_ACCESS_KEY_ID": "x", "BUCKET_SECRET_ACCESS_KEY": "x"}
+    result = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps(job)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours = [line for line in result.stderr.splitlines() if " seedvr." in line]
+    assert any("loading seedvr2_3b" in line for line in ours) and any("uploaded" in line for line in ours), ours
+    assert all("job=local_test:" in line for line in ours), ours

@@ -14,6 +14,8 @@ from worker_server import REPO_ROOT
 
 from seedvr.io.media.video import iter_frames, probe_video
 
+pytestmark = pytest.mark.slow  # servers, rank processes or subprocesses: not in the fast lane
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

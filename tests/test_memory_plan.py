@@ -244,6 +244,7 @@ def test_tiling_is_exact_for_operators_that_see_one_cell():
     torch.testing.assert_close(tiling.decode(decode, latent, 8), decode(latent), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vae_tiles_run_and_stay_close_on_smooth_homogeneous_frames(tiny_vae):
     """Tiling is approximate: each tile normalises with its own statistics. On smooth content whose
     statistics are the same in every tile (a periodic pattern, 32 px period) the tiled VAE stays close to

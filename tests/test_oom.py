@@ -18,6 +18,8 @@ from seedvr.engine.memory_plan import Footprint, Wishes, candidates, estimate
 from seedvr.io.media.video import probe_video
 from seedvr.serving import jobs
 
+pytestmark = pytest.mark.slow  # servers, rank processes or subprocesses: not in the fast lane
+
 FRAMES, HEIGHT, WIDTH = 12, 48, 64
 SCALE = 1.3  # the simulated device needs 30% more than the plan estimated
 

@@ -22,6 +22,7 @@ def run_parity(target, tmp_path, capsys) -> tuple[int, dict, list[str]]:
     return code, json.loads(report.read_text()), capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.slow
 def test_command_line_passes_and_writes_json(golden, tmp_path):
     report = tmp_path / "colorfix.json"
     process = subprocess.run([sys.executable, "-m", "seedvr.parity", str(golden / "colorfix"), "--json", str(report)],

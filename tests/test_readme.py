@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from worker_server import REPO_ROOT, make_job_tmp, tiny_environment
 
 from seedvr.serving.schema import describe, parse_request
@@ -36,6 +37,7 @@ def test_test_input_is_a_valid_restore_request():
     assert request.action == "restore" and request.media_values
 
 
+@pytest.mark.slow
 def test_python_handler_runs_test_input_json(tiny_dir):
     """The README's first command, with the tiny installation it writes."""
     result = subprocess.run([sys.executable, "handler.py"], cwd=REPO_ROOT, capture_output=True, text=True,

@@ -26,6 +26,8 @@ from seedvr.errors import RestoreError
 from seedvr.spgroup.group import SequenceParallelError, SequenceParallelGroup
 from seedvr.tools import tiny
 
+pytestmark = pytest.mark.slow  # servers, rank processes or subprocesses: not in the fast lane
+
 DIT_ATOL = 1e-4
 SP = 2
 
@@ -276,6 +278,7 @@ def test_close_leaves_no_process(groups):
 DRIVER = """
 import json, time
 from seedvr.spgroup.group import SequenceParallelGroup
+
 if __name__ == "__main__":
     group = SequenceParallelGroup("seedvr2_7b", "normal", 2, device_kind="cpu")
     print(json.dumps(group.pids), flush=True)

@@ -33,6 +33,8 @@ from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.errors import CheckpointError
 from seedvr.tools import tiny, weights
 
+pytestmark = pytest.mark.slow  # servers, rank processes or subprocesses: not in the fast lane
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOKEN = "hf_test_token_for_the_fake_hub"
@@ -326,8 +328,9 @@ def test_offline_mode_fails_at_once_without_a_request(tiny_dir, hub, tmp_path):
 
 
 def test_the_worker_downloads_a_missing_model_on_first_use(tiny_dir, hub, tmp_path):
-    first_use = ("from seedvr.serving.model_holder import ModelHolder\n"
-                 "model = ModelHolder().ensure('seedvr2_3b')\nprint(model.model_type, model.random_weights)\n")
+    first_use = ("from seedvr.serving.model_holder import ModelHolder\nfrom seedvr.serving.specs import ModelChoice\n"
+                 "holder = ModelHolder()\nmodel = holder.ensure(holder.resolve(ModelChoice('seedvr2_3b')))\n"
+                 "print(model.model_type, model.random_weights)\n")
     env = cli_env(tiny_dir, tmp_path, hub.endpoint, SEEDVR_AUTO_DOWNLOAD="1")
     result = subprocess.run([sys.executable, "-c", first_use], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=180)

@@ -7,12 +7,15 @@ small integer metadata (frame counts, shapes) over `meta_group`, a gloo group, s
 transfer never waits for the GPU.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from seedvr.distributed.tokens import TokenShard
 from seedvr.distributed.vae_context import run_context_parallel
+from seedvr.models.causal_conv import TemporalCache
 
 
 class SequenceParallel:
@@ -21,7 +24,7 @@ class SequenceParallel:
     meta_group carries the small CPU integer tensors (default: group itself, fine when that is gloo).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, meta_group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, meta_group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.meta_group = meta_group if meta_group is not None else group
         self.rank = dist.get_rank(group)
@@ -36,7 +39,8 @@ class SequenceParallel:
         """How a stream of `total` DiT tokens is split over the ranks."""
         return TokenShard(self, total)
 
-    def run_temporal(self, run, x: Tensor, chunk: int | None, unit: int) -> Tensor:
+    def run_temporal(self, run: Callable[[Tensor, TemporalCache | None], Tensor], x: Tensor, chunk: int | None,
+                     unit: int) -> Tensor:
         """The VAE's chunked pass `run(piece, cache)` over x (B, C, T, H, W), context parallel over time."""
         return run_context_parallel(self, run, x, chunk, unit)
 
@@ -81,10 +85,15 @@ class SequenceParallel:
     def broadcast_from_first(self, x: Tensor | None, like: Tensor) -> Tensor:
         """Rank 0's tensor x on every rank. The others pass None and a tensor `like` with x's dtype, device
         and number of dimensions."""
-        shape = torch.tensor(x.shape if self.rank == 0 else [0] * like.dim(), dtype=torch.int64)
+        if self.rank == 0:
+            assert x is not None  # rank 0 always passes its tensor
+            shape = torch.tensor(x.shape, dtype=torch.int64)
+        else:
+            shape = torch.tensor([0] * like.dim(), dtype=torch.int64)
         dist.broadcast(shape, group=self.meta_group, group_src=0)
         if self.rank != 0:
             x = like.new_empty(shape.tolist())
+        assert x is not None  # rank 0's own tensor, or the buffer just allocated
         x = x.contiguous()
         dist.broadcast(x, group=self.group, group_src=0)
         return x

@@ -23,6 +23,7 @@ piece (an image, a very short clip) runs on rank 0 alone and is broadcast.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,8 @@ def plan_pieces(frames: int, chunk: int | None, unit: int, ranks: int) -> list[i
     return [1 + sizes[0] * unit] + [size * unit for size in sizes[1:]]
 
 
-def run_context_parallel(sp: "SequenceParallel", run, x: Tensor, chunk: int | None, unit: int) -> Tensor:
+def run_context_parallel(sp: "SequenceParallel", run: Callable[[Tensor, TemporalCache | None], Tensor], x: Tensor,
+                         chunk: int | None, unit: int) -> Tensor:
     """`run(piece, cache)` over x (B, C, T, H, W) cut into pieces over the ranks -> the whole output on every rank."""
     pieces = plan_pieces(x.size(2), chunk, unit, sp.size)
     if len(pieces) == 1:
@@ -61,7 +63,7 @@ def run_context_parallel(sp: "SequenceParallel", run, x: Tensor, chunk: int | No
 
     bounds = [0, *torch.tensor(pieces).cumsum(0).tolist()]
     cache = ContextParallelCache(sp)
-    outputs = []
+    outputs: list[Tensor] = []
     for first in range(0, len(pieces), sp.size):
         index = first + sp.rank
         real = index < len(pieces)
@@ -88,7 +90,7 @@ class _ConvHistory:
 class ContextParallelCache(TemporalCache):
     """The `TemporalCache` of one rank's pieces: the frames before a piece come from the other ranks."""
 
-    def __init__(self, sp: "SequenceParallel"):
+    def __init__(self, sp: "SequenceParallel") -> None:
         super().__init__()
         self.sp = sp
         self.real = True
@@ -167,6 +169,7 @@ class ContextParallelCache(TemporalCache):
         kept end of its previous piece."""
         start, stop = interval
         if old:
+            assert history.kept is not None  # an old segment comes from a real previous piece, which kept frames
             kept_start = history.previous[self.sp.rank][1] - history.kept.size(2)
             if start < kept_start:
                 raise RuntimeError(f"context-parallel VAE: frames from {start} are needed but only those from "

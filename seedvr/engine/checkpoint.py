@@ -7,6 +7,7 @@ strict=True, assign=True; we do the same for every model, after checking keys an
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -16,6 +17,8 @@ from torch import nn
 from seedvr.errors import CheckpointError
 
 MAX_LISTED_KEYS = 10  # per kind of mismatch in an error message
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Mismatch:
 
     def __str__(self) -> str:
         if self.actual is None:
+            assert self.expected is not None  # compare_shapes never builds a key absent on both sides
             return f"missing {self.key} (expected shape {_shape(self.expected)})"
         if self.expected is None:
             return f"unexpected {self.key} (shape {_shape(self.actual)})"
@@ -85,7 +89,7 @@ def describe_mismatches(mismatches: list[Mismatch], source: str) -> str:
     return f"{source} does not match the model ({summary} keys): {listed}{more}"
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> nn.Module:
+def load_strict(model: ModuleT, state_dict: dict[str, torch.Tensor], source: str | Path) -> ModuleT:
     """Load every key exactly (strict, assign: parameters take the checkpoint's tensors and dtypes)."""
     mismatches = compare_shapes(state_dict_shapes(model), state_dict_shapes(state_dict))
     if mismatches:

@@ -99,7 +99,7 @@ def chunk_weights(chunk: Chunk, fade: str = "hann") -> np.ndarray:
 class CrossFader:
     """Collects the chunks' restored frames and gives each output frame back once it is complete."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.first = 0  # clip index of pending[0]
         self.pending: deque = deque()  # [frame, None] when final as is, [float32 weighted sum, total weight] else
 

@@ -41,7 +41,7 @@ def v_lerp_to_xT(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.T
     return (x_t + a * v) / (a + b)
 
 
-def uniform_trailing_timesteps(steps: int, device=None) -> torch.Tensor:
+def uniform_trailing_timesteps(steps: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(steps,) float32: T, T·(1 − 1/steps), …, T/steps. Never shifted in SeedVR2."""
     if steps < 1:
         raise ValueError(f"sample_steps must be at least 1, got {steps}")

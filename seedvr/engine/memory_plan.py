@@ -37,7 +37,7 @@ SEEDVR_TEST_MEMORY_SCALE (default 1: a device that needs exactly the estimate), 
 
 import ctypes
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import product
 from typing import TYPE_CHECKING
@@ -80,6 +80,9 @@ FLOAT32_VIDEO_BYTES_PER_PIXEL = 12  # (3, n, Hc, Wc) float32
 HEADROOM = 0.9  # of the free memory (allocator fragmentation, what the estimates miss)
 RETRY_SHRINK = 0.7
 MAX_RETRIES = 6
+
+
+Size = tuple[int, int]  # (height, width) in pixels
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,7 @@ def estimate(plan: MemoryPlan, footprint: Footprint, frames: int, input_size: tu
     return Estimate(footprint.vae_bytes + footprint.dit_other_bytes + dit_blocks, phases)
 
 
-def candidates(frames: int, output_size: tuple[int, int], wishes: Wishes, max_chunk: int | None = None):
+def candidates(frames: int, output_size: Size, wishes: Wishes, max_chunk: int | None = None) -> Iterator[MemoryPlan]:
     """Every plan the wishes allow, best first (see the module docstring)."""
     max_chunk = max_chunk_frames() if max_chunk is None else max_chunk
     if wishes.chunk_frames is not None:
@@ -240,7 +243,7 @@ def candidates(frames: int, output_size: tuple[int, int], wishes: Wishes, max_ch
                                      tile, offload)
 
 
-def choose(footprint: Footprint, budget: int, frames: int, input_size, output_size,
+def choose(footprint: Footprint, budget: int, frames: int, input_size: Size, output_size: Size,
            wishes: Wishes = Wishes()) -> tuple[MemoryPlan, Estimate]:
     """The best plan whose estimate fits `budget` bytes, or the one needing least when none does."""
     smallest: tuple[MemoryPlan, Estimate] | None = None
@@ -254,7 +257,7 @@ def choose(footprint: Footprint, budget: int, frames: int, input_size, output_si
     return smallest
 
 
-def smaller(failed: Estimate, footprint: Footprint, budget: int, frames: int, input_size, output_size,
+def smaller(failed: Estimate, footprint: Footprint, budget: int, frames: int, input_size: Size, output_size: Size,
             wishes: Wishes = Wishes()) -> tuple[MemoryPlan, Estimate] | None:
     """The plan to retry with after `failed` ran out of memory, or None when no candidate needs less."""
     target = min(budget, int(failed.peak * RETRY_SHRINK))
@@ -265,7 +268,7 @@ def smaller(failed: Estimate, footprint: Footprint, budget: int, frames: int, in
     return None
 
 
-def largest_fitting_size(footprint: Footprint, target: int, frames: int, input_size, output_size,
+def largest_fitting_size(footprint: Footprint, target: int, frames: int, input_size: Size, output_size: Size,
                          wishes: Wishes = Wishes()) -> tuple[int, int] | None:
     """The largest (Hc, Wc) with the aspect of `output_size`, multiples of 16, that some allowed plan fits
     in `target` bytes; None when not even 16x16 does."""
@@ -320,8 +323,8 @@ def check_simulated(guess: Estimate, phase: str) -> None:
             f"the device holds {budget / GIB:.3f} GiB")
 
 
-def out_of_memory_message(footprint: Footprint, budget: int, failed: Estimate, frames: int, input_size,
-                          output_size, wishes: Wishes = Wishes(), on_gpu: bool = True) -> str:
+def out_of_memory_message(footprint: Footprint, budget: int, failed: Estimate, frames: int, input_size: Size,
+                          output_size: Size, wishes: Wishes = Wishes(), on_gpu: bool = True) -> str:
     """What to tell a client whose clip ran out of memory with the smallest plan left: the largest output
     size that should fit, judged with the estimates shrunk as a retry would shrink them."""
     where = "on this GPU" if on_gpu else "in this machine's memory"
@@ -341,7 +344,7 @@ def out_of_memory_message(footprint: Footprint, budget: int, failed: Estimate, f
            f"lower res_h/res_w or scale"
 
 
-def _malloc_trim():
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc

@@ -14,7 +14,7 @@ state and x_0 stay float32, and the colour fix runs its content branch in bf16.
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -71,6 +71,10 @@ class SeedVR2:
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (str(self._device),)
 
     @property
     def random_weights(self) -> bool:
@@ -159,7 +163,8 @@ class SeedVR2:
         with phase("postprocess"):
             return self._postprocess(decoded, video, sampling.color_fix, record)
 
-    def _encode(self, encode_input, generator, eps, record) -> torch.Tensor:
+    def _encode(self, encode_input: torch.Tensor, generator: torch.Generator, eps: torch.Tensor | None,
+                record: "_StageRecorder") -> torch.Tensor:
         """(3, f_pad, Hc, Wc) -> cond latent (t, h, w, 16) = posterior sample · scaling (VAE dtype)."""
         mean, logvar = self.vae.encode(encode_input[None], sp=self.sp)  # (1, 16, t, h, w) each
         std = torch.exp(0.5 * logvar)
@@ -177,7 +182,8 @@ class SeedVR2:
         record("cond_latent", cond_latent)
         return cond_latent
 
-    def _sample(self, cond_latent, x_T, timesteps, cfg_scale, cfg_rescale, record) -> torch.Tensor:
+    def _sample(self, cond_latent: torch.Tensor, x_T: torch.Tensor, timesteps: torch.Tensor, cfg_scale: float,
+                cfg_rescale: float, record: "_StageRecorder") -> torch.Tensor:
         """Euler sampling of x_0 (t, h, w, 16) float32 from x_T, conditioned on [cond latent | 1]."""
         grid = cond_latent.shape[:3]
         condition = torch.cat([cond_latent, torch.ones_like(cond_latent[..., :1])], dim=-1)  # (t, h, w, 17)
@@ -208,12 +214,13 @@ class SeedVR2:
         record("sample_latent", sample)
         return sample
 
-    def _decode(self, sample) -> torch.Tensor:
+    def _decode(self, sample: torch.Tensor) -> torch.Tensor:
         """x_0 (t, h, w, 16) -> video (3, f_pad, Hc, Wc) in the VAE dtype."""
         latent = sample.to(self.vae.dtype) / self.scaling_factor + self.shifting_factor
         return self.vae.decode(latent.permute(3, 0, 1, 2)[None], sp=self.sp)[0]
 
-    def _postprocess(self, decoded, video, color_fix, record) -> torch.Tensor:
+    def _postprocess(self, decoded: torch.Tensor, video: torch.Tensor, color_fix: str,
+                     record: "_StageRecorder") -> torch.Tensor:
         """Colour fix of the first f decoded frames against the preprocessed input; uint8 (f, Hc, Wc, 3) on CPU."""
         num_frames, height, width = video.shape[1:]
         decoded = decoded[:, :num_frames]  # drop the 4k+1 padding frames
@@ -236,7 +243,7 @@ def _draw_like_latent(latent: torch.Tensor, generator: torch.Generator) -> torch
     return torch.empty_like(latent, memory_format=torch.preserve_format).normal_(generator=generator)
 
 
-def _injected(tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+def _injected(tensor: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
     tensor = torch.as_tensor(tensor)
     if tensor.shape != like.shape:
         raise ValueError(f"injected {name} must have shape {tuple(like.shape)}, got {tuple(tensor.shape)}")
@@ -267,13 +274,14 @@ class _PhaseTimer:
     """Context manager per phase; adds its wall time in seconds to `timings` (synchronising CUDA) and tells
     `on_start` the phase's name as it begins."""
 
-    def __init__(self, device: torch.device, timings: dict | None, on_start=None):
+    def __init__(self, device: torch.device, timings: dict[str, float] | None,
+                 on_start: Callable[[str], None] | None = None):
         self.device = device
         self.timings = timings
         self.on_start = on_start
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str) -> Iterator[None]:
         if self.on_start is not None:
             self.on_start(name)
         if self.timings is None:

@@ -51,7 +51,8 @@ def center_crop(frames: torch.Tensor, multiple: int = CROP_MULTIPLE) -> torch.Te
     return frames[..., top : top + crop_h, left : left + crop_w]
 
 
-def preprocess(frames, res_h: int, res_w: int, device=None) -> torch.Tensor:
+def preprocess(frames: torch.Tensor | np.ndarray, res_h: int, res_w: int,
+               device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 (f, H, W, 3) frames (torch or numpy) -> (3, f, Hc, Wc) float32 in [-1, 1] on `device`."""
     if not isinstance(frames, torch.Tensor):
         frames = torch.from_numpy(np.ascontiguousarray(frames))  # also takes views with negative strides

@@ -64,6 +64,11 @@ class Restorer(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     @property
+    def devices(self) -> tuple[str, ...]:
+        """Where the model lives: one device per process (a group's ranks each hold the whole model)."""
+        ...
+
+    @property
     def random_weights(self) -> bool: ...
 
     @property

@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from seedvr import settings
 from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
@@ -98,7 +99,7 @@ def object_key(job_id: str, path: Path) -> str:
     return f"{job}/{uuid.uuid4().hex[:8]}{extension}"
 
 
-def _s3_client(bucket: settings.Bucket):
+def _s3_client(bucket: settings.Bucket) -> Any:
     """An S3 client configured like rp_upload.get_boto_client, with a bounded connect timeout."""
     from boto3 import session
     from botocore.config import Config

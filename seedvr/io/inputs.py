@@ -11,7 +11,7 @@ from pathlib import Path
 
 from seedvr.io.media.fetch import fetch_url
 from seedvr.io.media.image import DecodedImage, read_image
-from seedvr.io.media.payload import ANIMATABLE_MIMES, SNIFF_BYTES, check_forced_type, decode_base64, sniff_media
+from seedvr.io.media.payload import ANIMATABLE_MIMES, SNIFF_BYTES, MediaKind, check_forced_type, decode_base64, sniff_media
 from seedvr.io.media.video import VideoInfo, probe_video
 
 
@@ -43,7 +43,7 @@ class InputItem:
         return self.video.fps if self.video else None
 
 
-def _sniff_file(path: Path):
+def _sniff_file(path: Path) -> MediaKind:
     with open(path, "rb") as file:
         head = file.read(SNIFF_BYTES)
     kind = sniff_media(head)

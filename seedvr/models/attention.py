@@ -26,7 +26,7 @@ SDPA_MAX_SCORES = 1 << 28  # attention-matrix elements per SDPA call; bounds the
 @functools.cache
 def _flash_varlen_func() -> Callable[..., torch.Tensor] | None:
     try:
-        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]  # optional CUDA-only extra
+        from flash_attn import flash_attn_varlen_func  # the optional CUDA-only extra
     except ImportError:
         return None
     return flash_attn_varlen_func

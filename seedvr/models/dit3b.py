@@ -6,6 +6,9 @@ text MLP; after it, `vid_out_norm` and an output modulation that reuses the bloc
 shift/scale slice of the time embedding (SEEDVR2_SPEC 2.5, 2.6, 2.10).
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from seedvr.models.dit_base import NaDiTBase, check_choice
@@ -40,10 +43,11 @@ class NaDiT3B(NaDiTBase):
                  vid_out_norm: str = "fusedrms", txt_in_dim: int = 5120, txt_in_norm: str | None = "fusedln",
                  txt_dim: int = 2560, emb_dim: int = 15360, heads: int = 20, head_dim: int = 128,
                  expand_ratio: float = 4, norm: str = "fusedrms", norm_eps: float = 1e-5, ada: str = "single",
-                 qk_bias: bool = False, qk_norm: str = "fusedrms", patch_size=(1, 2, 2), num_layers: int = 32,
-                 mm_layers: int = 10, mlp_type: str = "swiglu", msa_type: str | None = "None",
-                 block_type="mmdit_sr", window=(4, 3, 3), window_method=WINDOW_METHODS,
-                 rope_type: str = "mmrope3d", rope_dim: int = 128):
+                 qk_bias: bool = False, qk_norm: str = "fusedrms", patch_size: Sequence[int] = (1, 2, 2),
+                 num_layers: int = 32, mm_layers: int = 10, mlp_type: str = "swiglu",
+                 msa_type: str | Sequence[str | None] | None = "None", block_type: str | Sequence[str] = "mmdit_sr",
+                 window: Sequence[Any] = (4, 3, 3), window_method: str | Sequence[str] = WINDOW_METHODS,
+                 rope_type: str = "mmrope3d", rope_dim: int = 128) -> None:
         super().__init__()
         check_choice("vid_out_norm", vid_out_norm, ["fusedrms"])
         check_choice("txt_in_norm", txt_in_norm, ["fusedln", "fusedrms", None])

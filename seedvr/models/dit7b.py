@@ -5,6 +5,9 @@ last block processes text like the others (its text output is unused, so it is n
 `vid_out` projects the last block's video stream directly (SEEDVR2_SPEC 2.5, 2.8.2, 2.10).
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from seedvr.models.dit_base import NaDiTBase, check_choice
@@ -36,8 +39,9 @@ class NaDiT7B(NaDiTBase):
                  txt_in_dim: int = 5120, txt_dim: int = 3072, emb_dim: int = 18432, heads: int = 24,
                  head_dim: int = 128, expand_ratio: float = 4, norm: str = "fusedrms", norm_eps: float = 1e-5,
                  ada: str = "single", qk_bias: bool = False, qk_rope: bool = True, qk_norm: str = "fusedrms",
-                 patch_size=(1, 2, 2), num_layers: int = 36, shared_mlp: bool = False, shared_qkv: bool = False,
-                 mlp_type: str = "normal", block_type="mmdit_sr", window=(4, 3, 3), window_method=WINDOW_METHODS):
+                 patch_size: Sequence[int] = (1, 2, 2), num_layers: int = 36, shared_mlp: bool = False,
+                 shared_qkv: bool = False, mlp_type: str = "normal", block_type: str | Sequence[str] = "mmdit_sr",
+                 window: Sequence[Any] = (4, 3, 3), window_method: str | Sequence[str] = WINDOW_METHODS) -> None:
         super().__init__()
         check_choice("qk_rope", qk_rope, [True])
         check_choice("shared_mlp", shared_mlp, [False])

@@ -4,14 +4,15 @@ the switch to a lower compute precision."""
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from seedvr.models.attention import resolve_backend
-from seedvr.models.dit_block import BlockContext, WindowKind
-from seedvr.models.dit_layers import MLP_TYPES, PatchIn, TimeEmbedding
+from seedvr.models.block_offload import BlockOffload
+from seedvr.models.dit_block import BlockContext, MMWindowBlock, WindowKind
+from seedvr.models.dit_layers import MLP_TYPES, PatchIn, PatchOut, TimeEmbedding
 from seedvr.models.rope import RopePositions
 from seedvr.models.window import WindowPacking, check_window_method, pack_windows
 
@@ -19,16 +20,16 @@ if TYPE_CHECKING:
     from seedvr.distributed.comm import SequenceParallel
 
 
-def check_choice(name: str, value, allowed: Sequence) -> None:
+def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {list(allowed)}")
 
 
-def _is_triple(value) -> bool:
+def _is_triple(value: object) -> bool:
     return isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, int) for v in value)
 
 
-def per_layer_windows(window, num_layers: int) -> list[tuple[int, int, int]]:
+def per_layer_windows(window: Sequence[Any], num_layers: int) -> list[tuple[int, int, int]]:
     """`window`: one (nt, nh, nw) for every layer, or a list of num_layers of them."""
     if _is_triple(window):
         return [tuple(window)] * num_layers
@@ -37,7 +38,7 @@ def per_layer_windows(window, num_layers: int) -> list[tuple[int, int, int]]:
     raise ValueError(f"window must be [nt, nh, nw] or a list of {num_layers} of them; got {window!r}")
 
 
-def per_layer_methods(window_method, num_layers: int) -> list[str]:
+def per_layer_methods(window_method: str | Sequence[str], num_layers: int) -> list[str]:
     """`window_method`: a string, a per-layer list, or a shorter list repeated cyclically over the layers."""
     methods = [window_method] if isinstance(window_method, str) else list(window_method)
     if not methods:
@@ -45,7 +46,7 @@ def per_layer_methods(window_method, num_layers: int) -> list[str]:
     return [check_window_method(methods[i % len(methods)]) for i in range(num_layers)]
 
 
-def check_block_types(block_type, num_layers: int) -> None:
+def check_block_types(block_type: str | Sequence[str], num_layers: int) -> None:
     types = [block_type] * num_layers if isinstance(block_type, str) else list(block_type)
     if len(types) != num_layers:
         raise ValueError(f"block_type lists {len(types)} layers, num_layers is {num_layers}")
@@ -53,10 +54,11 @@ def check_block_types(block_type, num_layers: int) -> None:
         check_choice("block_type", value, ["mmdit_sr"])
 
 
-def check_patch_size(patch_size) -> tuple[int, int, int]:
+def check_patch_size(patch_size: Sequence[int]) -> tuple[int, int, int]:
     if not _is_triple(patch_size) or patch_size[0] != 1 or min(patch_size) < 1:
         raise ValueError(f"patch_size must be [1, ph, pw] (no temporal patching); got {patch_size!r}")
-    return tuple(patch_size)
+    pt, ph, pw = patch_size
+    return pt, ph, pw
 
 
 class NaDiTBase(nn.Module):
@@ -67,15 +69,21 @@ class NaDiTBase(nn.Module):
     """
 
     patch_size: tuple[int, int, int]
-    blocks: nn.ModuleList  # the transformer blocks, built by the subclass
+    blocks: nn.ModuleList  # the transformer blocks (MMWindowBlock), built by the subclass
+    vid_out: PatchOut  # built by the subclass
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flash"
         # The official code casts q, k, v to bf16 before flash-attention even in a float32 model. Off: exact
         # float32 attention (the goldens' `vid_sample`); on: the official rounding (`vid_sample_bf16qkv`).
         self.round_qkv_to_bf16 = False
-        self.block_offload = None  # a seedvr.models.block_offload.BlockOffload: blocks visit the device in turn
+        self.block_offload: BlockOffload | None = None  # when set, the blocks visit the device in turn
+
+    @property
+    def heads(self) -> int:
+        """Attention heads per block (sequence parallelism splits them over the ranks)."""
+        return cast("Sequence[MMWindowBlock]", self.blocks)[0].attn.heads
 
     @property
     def width(self) -> int:
@@ -83,8 +91,9 @@ class NaDiTBase(nn.Module):
         return self.vid_in.proj.out_features
 
     def _build_trunk(self, *, vid_in_channels: int, vid_dim: int, txt_in_dim: int, txt_dim: int, emb_dim: int,
-                     norm: str, qk_norm: str, ada: str, mlp_type: str, patch_size, num_layers: int, block_type,
-                     window, window_method) -> list[WindowKind]:
+                     norm: str, qk_norm: str, ada: str, mlp_type: str, patch_size: Sequence[int], num_layers: int,
+                     block_type: str | Sequence[str], window: Sequence[Any],
+                     window_method: str | Sequence[str]) -> list[WindowKind]:
         """Check the options both DiTs share and build what comes before the blocks (patch, text and time
         embeddings); return each layer's window kind (method, (nt, nh, nw))."""
         if txt_dim != vid_dim:
@@ -135,7 +144,8 @@ class NaDiTBase(nn.Module):
         every rank passes the whole input and receives the whole output.
         """
         shapes, txt_lengths = self._check_inputs(vid, txt, vid_shape, txt_shape, timestep)
-        heads = self.blocks[0].attn.heads
+        blocks = cast("Sequence[MMWindowBlock]", self.blocks)  # type-only view of the ModuleList
+        heads = blocks[0].attn.heads
         if sp is not None and heads % sp.size:
             raise ValueError(f"sequence parallelism over {sp.size} ranks needs a head count divisible by it; "
                              f"this DiT has {heads} heads")
@@ -151,8 +161,8 @@ class NaDiTBase(nn.Module):
 
         # 2. Windows and rope positions, once per window kind
         vid_lengths = [math.prod(grid) for grid in grids]
-        windows = {}
-        for kind in dict.fromkeys(block.window_kind for block in self.blocks):
+        windows: dict[WindowKind, tuple[WindowPacking, RopePositions]] = {}
+        for kind in dict.fromkeys(block.window_kind for block in blocks):
             packing = pack_windows(*kind, grids, txt_lengths, device=vid.device)
             windows[kind] = (packing, self.rope_positions(packing, vid_lengths))
         ctx = BlockContext(vid_lengths, txt_lengths, windows, self.attention_backend,
@@ -164,7 +174,7 @@ class NaDiTBase(nn.Module):
                                       txt_lengths=shards[1].local_lengths(txt_lengths), shards=shards)
 
         # 3. Blocks
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(blocks):
             if self.block_offload is not None:
                 self.block_offload.load(index)
             vid, txt = block(vid, txt, emb, ctx)
@@ -173,9 +183,11 @@ class NaDiTBase(nn.Module):
         vid = self.output_head(vid, emb, ctx)
         if sp is None:
             return self.vid_out(vid, shapes)
+        assert ctx.shards is not None  # set above whenever sp is given
         return self.vid_out.unpatchify(ctx.shards[0].all_gather(self.vid_out.proj(vid)), shapes)
 
-    def _check_inputs(self, vid, txt, vid_shape, txt_shape, timestep):
+    def _check_inputs(self, vid: torch.Tensor, txt: torch.Tensor, vid_shape: torch.Tensor, txt_shape: torch.Tensor,
+                      timestep: torch.Tensor) -> tuple[list[tuple[int, int, int]], list[int]]:
         if vid_shape.dim() != 2 or vid_shape.shape[1] != 3 or vid_shape.shape[0] < 1:
             raise ValueError(f"vid_shape must be [B, 3] (T, H, W per sample); got {tuple(vid_shape.shape)}")
         if txt_shape.shape != (vid_shape.shape[0], 1):

@@ -11,7 +11,8 @@ Posterior sampling and latent scaling belong to the pipeline, not to this module
 """
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,9 +43,9 @@ class VideoAutoencoder(nn.Module):
         self,
         *,
         act_fn: str = "silu",
-        block_out_channels: list[int] = (128, 256, 512, 512),
-        down_block_types: list[str] = ("DownEncoderBlock3D",) * 4,
-        up_block_types: list[str] = ("UpDecoderBlock3D",) * 4,
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        down_block_types: Sequence[str] = ("DownEncoderBlock3D",) * 4,
+        up_block_types: Sequence[str] = ("UpDecoderBlock3D",) * 4,
         in_channels: int = 3,
         out_channels: int = 3,
         latent_channels: int = 16,
@@ -58,7 +59,7 @@ class VideoAutoencoder(nn.Module):
         use_quant_conv: bool = False,
         use_post_quant_conv: bool = False,
         freeze_encoder: bool = False,  # training-only flag of the official wrapper; no effect here
-    ):
+    ) -> None:
         super().__init__()
         num_blocks = len(block_out_channels)
         _check_choice("act_fn", [act_fn])
@@ -95,7 +96,7 @@ class VideoAutoencoder(nn.Module):
         # Opt-in spatial tiles (approximate, seedvr.models.vae_tiling); None: whole frames (exact).
         self.tiling: SpatialTiling | None = None
 
-        blocks = dict(
+        blocks: dict[str, Any] = dict(
             block_out_channels=list(block_out_channels),
             layers_per_block=layers_per_block,
             groups=norm_num_groups,
@@ -183,7 +184,8 @@ class VideoAutoencoder(nn.Module):
         return chunk
 
 
-def _run_chunked(run, x: Tensor, chunk: int | None, unit: int, sp=None) -> Tensor:
+def _run_chunked(run: Callable[[Tensor, TemporalCache | None], Tensor], x: Tensor, chunk: int | None, unit: int,
+                 sp: "SequenceParallel | None" = None) -> Tensor:
     """run(x) over time chunks [0, 1 + chunk), then `chunk` frames at a time, carrying causal state.
 
     unit: the frames one latent frame stands for (chunks after the first are multiples of it).
@@ -196,14 +198,14 @@ def _run_chunked(run, x: Tensor, chunk: int | None, unit: int, sp=None) -> Tenso
         return run(x, None)
     lengths = [1 + chunk] + [min(chunk, frames - t) for t in range(1 + chunk, frames, chunk)]
     cache = TemporalCache()
-    outputs = []
+    outputs: list[Tensor] = []
     for piece in x.split(lengths, dim=2):
         outputs.append(run(piece, cache))
         cache.next_chunk()
     return torch.cat(outputs, dim=2)
 
 
-def _check_choice(name: str, values) -> None:
+def _check_choice(name: str, values: Iterable[object]) -> None:
     for value in values:
         if value not in _SUPPORTED[name]:
             raise ValueError(f"unsupported {name} {value!r}; must be one of {list(_SUPPORTED[name])}")
@@ -213,12 +215,15 @@ _LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|pr
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def convert_legacy_vae_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+V = TypeVar("V")  # what the keys map to: tensors, or shapes (seedvr.tools.weights)
+
+
+def convert_legacy_vae_keys(state_dict: dict[str, V]) -> dict[str, V]:
     """Rename old diffusers mid-block attention keys (query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0).
 
     Returns a new dict; keys already in the current naming pass through unchanged.
     """
-    converted = {}
+    converted: dict[str, V] = {}
     for key, value in state_dict.items():
         match = _LEGACY_ATTENTION_KEY.match(key)
         if match:

@@ -92,7 +92,7 @@ class MidBlock3D(nn.Module):
             residual_connection=True,
             upcast_softmax=True,
             _from_deprecated_attn_block=True,
-            processor=AttnProcessor2_0(),
+            processor=AttnProcessor2_0(),  # type: ignore[arg-type]  # diffusers annotates only AttnProcessor; any processor works
         )
         self.attentions = nn.ModuleList([attention])
 

@@ -32,7 +32,7 @@ class SpatialTiling:
     def decode(self, decode: Callable[[Tensor], Tensor], latent: Tensor, factor: int) -> Tensor:
         """decode(latent (B, C, T', h, w)) -> (B, C', T, h·f, w·f), applied tile by tile."""
         self._check(factor)
-        grid = tuple(latent.shape[-2:])
+        grid = (latent.shape[-2], latent.shape[-1])
         return _tiled(decode, latent, grid, self.tile // factor, self.overlap // factor, 1, factor)
 
     def _check(self, factor: int) -> None:
@@ -73,12 +73,14 @@ def _tiled(run: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], ti
         return run(x)
     tile_h, tile_w = min(tile, grid[0]), min(tile, grid[1])
     row_weights, col_weights = _axis_weights(rows, tile_h, out_scale), _axis_weights(cols, tile_w, out_scale)
-    summed = total = dtype = None
+    summed: Tensor | None = None
+    total: Tensor | None = None
+    dtype: torch.dtype | None = None
     for row, row_weight in zip(rows, row_weights):
         for col, col_weight in zip(cols, col_weights):
             piece = x[..., row * in_scale:(row + tile_h) * in_scale, col * in_scale:(col + tile_w) * in_scale]
             output = run(piece)
-            if summed is None:
+            if summed is None or total is None:  # both are set together, on the first tile
                 size = (grid[0] * out_scale, grid[1] * out_scale)
                 summed = output.new_zeros((*output.shape[:-2], *size), dtype=torch.float32)
                 total = output.new_zeros(size, dtype=torch.float32)
@@ -89,4 +91,5 @@ def _tiled(run: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], ti
             summed[..., out_rows, out_cols] += output.float() * weight
             total[out_rows, out_cols] += weight
             del output, piece
+    assert summed is not None and total is not None and dtype is not None  # rows and cols are never empty
     return summed.div_(total).to(dtype)

@@ -11,7 +11,7 @@ import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -85,14 +85,20 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
     return restore_answer(spec, model, results, time.perf_counter() - started)
 
 
-def _source(item: InputItem, timings: dict[str, float], keep_index: int, kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+def _decoded(item: InputItem) -> Generator[np.ndarray, None, None]:
+    """uint8 (H, W, 3) frames of an item: the decoded image, or the video's frames streamed from ffmpeg."""
+    if item.image is not None:
+        yield item.image.rgb
+        return
+    assert item.video is not None, "an item is an image or a probed video"
+    yield from iter_frames(item.path, item.video, field=item.field)
+
+
+def _source(item: InputItem, timings: dict[str, float], keep_index: int,
+            kept: list[np.ndarray]) -> Iterator[np.ndarray]:
     """The item's frames, decoded as they are asked for (the time it takes goes to timings["decode"]);
     a copy of frame `keep_index` is appended to `kept`."""
-    if item.image is not None:
-        frames: Iterator[np.ndarray] = iter([item.image.rgb])
-    else:
-        assert item.video is not None
-        frames = iter_frames(item.path, item.video, field=item.field)
+    frames = _decoded(item)
     try:
         for index in itertools.count():
             started = time.perf_counter()
@@ -104,8 +110,7 @@ def _source(item: InputItem, timings: dict[str, float], keep_index: int, kept: l
                 kept.append(frame.copy())
             yield frame
     finally:
-        if hasattr(frames, "close"):
-            frames.close()  # stops the decoder when a failed attempt leaves early
+        frames.close()  # stops the decoder when a failed attempt leaves early
 
 
 def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: ItemSize, plan: memory_plan.MemoryPlan,

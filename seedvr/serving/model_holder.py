@@ -103,6 +103,7 @@ class ModelHolder:
             "model_type": model.model_type,
             "model_variant": model.variant,
             "device": str(restorer.device),
+            "devices": list(restorer.devices),
             "dtype": str(restorer.dtype).removeprefix("torch."),
             "sp_size": model.sp_size,
             "attention_backend": restorer.attention_backend,

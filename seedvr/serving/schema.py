@@ -154,7 +154,7 @@ class Resolution:
 Accepts = Integer | Number | Choice | NonEmptyString | Boolean | Strings | Resolution
 
 
-def option(default: Any, accepts: Accepts, doc: str, *, in_repr: bool = True):
+def option(default: Any, accepts: Accepts, doc: str, *, in_repr: bool = True) -> Any:
     """Declare a request field: its default, what it accepts and a one-line doc."""
     return dataclasses.field(default=default, repr=in_repr, metadata={"accepts": accepts, "doc": doc})
 
@@ -371,7 +371,7 @@ class RestoreRequest(ModelOptions):
         None, Boolean(), "keep the DiT blocks in host memory, each moved to the GPU in turn (exact, a little "
                          "slower); null = only when needed")
 
-    def __post_init__(self):  # the dataclass is frozen: resolved values are set with object.__setattr__
+    def __post_init__(self) -> None:  # the dataclass is frozen: resolved values are set with object.__setattr__
         implied = self.media_field if self.media_field in ("video", "image") else None
         if self.media_type == "auto" and implied:
             object.__setattr__(self, "media_type", implied)

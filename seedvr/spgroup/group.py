@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -103,6 +104,11 @@ class SequenceParallelGroup:
         return self._dtype
 
     @property
+    def devices(self) -> tuple[str, ...]:
+        """Every rank's device, as each rank reported it after loading."""
+        return tuple(self.model_info["devices"])
+
+    @property
     def random_weights(self) -> bool:
         return bool(self.model_info["random_weights"])
 
@@ -126,7 +132,7 @@ class SequenceParallelGroup:
             stages.update(rank_stages)
         return restored
 
-    def call(self, fn, *args) -> list:
+    def call(self, fn: Callable[..., Any], *args: Any) -> list:
         """fn(context: worker.RankContext, *args) on every rank at once -> each rank's result, in rank order.
 
         fn must be importable by name (a module-level function). For diagnostics and tests.
@@ -184,7 +190,7 @@ class SequenceParallelGroup:
             self._teardown()
         _LIVE_GROUPS.discard(self)
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:  # a group dropped without close(): do not leave its processes behind
             self._teardown()
         except Exception:
@@ -193,7 +199,7 @@ class SequenceParallelGroup:
     def __enter__(self) -> "SequenceParallelGroup":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # Starting, jobs, tearing down
@@ -217,7 +223,7 @@ class SequenceParallelGroup:
         self.model_info = {**facts[0], "devices": [rank_facts["device"] for rank_facts in facts]}
         self._device, self._dtype = torch.device(facts[0]["device"]), getattr(torch, facts[0]["dtype"])
 
-    def _job(self, kind: str, body, on_phase=None) -> list:
+    def _job(self, kind: str, body: Any, on_phase: Callable[[str], None] | None = None) -> list:
         with self._job_lock:
             if self._closed:
                 raise SequenceParallelError("the sequence-parallel group was closed")
@@ -237,7 +243,8 @@ class SequenceParallelGroup:
             deadline = None if self.job_timeout_s is None else time.monotonic() + self.job_timeout_s
             return [wire.unpack(result) for result in self._collect(job_id, on_phase, deadline)]
 
-    def _collect(self, job_id: int | None, on_phase=None, deadline: float | None = None) -> list:
+    def _collect(self, job_id: int | None, on_phase: Callable[[str], None] | None = None,
+                 deadline: float | None = None) -> list:
         """Wait for every rank's answer to `job_id` (None: the start-up answers), watching every process."""
         answers: dict[int, object] = {}
         errors: dict[int, wire.RemoteError] = {}
@@ -277,7 +284,8 @@ class SequenceParallelGroup:
             raise first.rebuild(min(errors))
         return [answers[index] for index in range(len(ranks))]
 
-    def _fail(self, job_id: int | None, errors: dict[int, wire.RemoteError], culprit: int | None, what: str):
+    def _fail(self, job_id: int | None, errors: dict[int, wire.RemoteError], culprit: int | None,
+              what: str) -> NoReturn:
         """Tear the group down and raise. A rank that left (`culprit`) is the cause, unless it reported its own
         error first; without one, the first rank error is."""
         self._teardown()
@@ -316,7 +324,7 @@ def _gone(rank: _Rank) -> str:
     return f"rank {rank.index} exited (exit code {rank.process.exitcode})"
 
 
-def _report_phase(on_phase, name: str) -> None:
+def _report_phase(on_phase: Callable[[str], None] | None, name: str) -> None:
     if on_phase is None:
         return
     try:

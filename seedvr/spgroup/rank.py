@@ -23,8 +23,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
@@ -59,7 +61,7 @@ class RankContext:
     pipeline: SeedVR2  # runs its DiT and VAE sequence parallel over `sp`
 
 
-def rank_main(rank: int, spec: RankSpec, conn) -> None:
+def rank_main(rank: int, spec: RankSpec, conn: Connection) -> None:
     """Entry point of a rank's process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the driver; it stops us
     _exit_with_parent()
@@ -114,14 +116,14 @@ def _join_and_load(rank: int, spec: RankSpec) -> RankContext:
 
     pipeline = loader.load_pipeline(spec.model_type, spec.variant, device=device,
                                     attention_backend=spec.attention_backend, sp=sp)
-    heads = pipeline.dit.blocks[0].attn.heads
+    heads = pipeline.dit.heads
     if heads % spec.size:
         raise ValueError(f"sp_size {spec.size} must divide the DiT's {heads} attention heads")
     dist.barrier()  # every rank is loaded and every communicator is up
     return RankContext(rank, sp, pipeline)
 
 
-def _serve(context: RankContext, conn) -> None:
+def _serve(context: RankContext, conn: Connection) -> None:
     while True:
         try:
             kind, job_id, body = wire.receive(conn)
@@ -143,7 +145,8 @@ def _serve(context: RankContext, conn) -> None:
             wire.send(conn, ("error", job_id, wire.RemoteError.describe(error)))
 
 
-def _restore(context: RankContext, body, send_phase):
+def _restore(context: RankContext, body: tuple, send_phase: Callable[[str], None]
+             ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor] | None] | None:
     """Rank 0: (uint8 frames, timings, stages or None); other ranks: None."""
     frames, options, want_stages, want_phases = body
     lead = context.rank == 0

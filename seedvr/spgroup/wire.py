@@ -5,11 +5,15 @@ errors travel as descriptions (exception classes with custom constructors do not
 import pickle
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 import torch
 
 from seedvr.errors import INTERNAL, RestoreError
+
+Message = tuple[str, Any, Any]  # (kind, job id, body); see seedvr.spgroup.rank
 
 
 @dataclass
@@ -19,7 +23,7 @@ class _Tensor:
     data: np.ndarray  # the raw bytes, uint8
 
 
-def pack(value):
+def pack(value: Any) -> Any:
     """Tensors (at any depth of dicts, lists, tuples) -> byte copies; everything else unchanged."""
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to("cpu").contiguous()
@@ -32,7 +36,7 @@ def pack(value):
     return value
 
 
-def unpack(value):
+def unpack(value: Any) -> Any:
     """The inverse of `pack`."""
     if isinstance(value, _Tensor):
         data = torch.from_numpy(value.data)  # unpickled arrays own their (writable) memory
@@ -44,15 +48,15 @@ def unpack(value):
     return value
 
 
-def encode(message) -> bytes:
+def encode(message: Message) -> bytes:
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def send(conn, message) -> None:
+def send(conn: Connection, message: Message) -> None:
     conn.send_bytes(encode(message))
 
 
-def receive(conn):
+def receive(conn: Connection) -> Message:
     return pickle.loads(conn.recv_bytes())
 
 

@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,7 +23,7 @@ from seedvr import settings
 from seedvr.errors import RestoreError
 from seedvr.io.inputs import local_input
 from seedvr.serving import jobs
-from seedvr.serving.model_holder import ModelHolder, ModelSpec
+from seedvr.serving.model_holder import LoadedModel, ModelHolder, ModelSpec
 from seedvr.serving.progress import Progress
 from seedvr.serving.schema import REQUIRED, TABLE, Boolean, Choice, Integer, Number, RestoreRequest, parse_request
 from seedvr.serving.specs import RestoreSpec, restore_spec
@@ -71,6 +72,22 @@ class Bar:
         self.bar.close()
 
 
+class Announcement:
+    """Says once, on stderr, which model runs where (the first file loads it)."""
+
+    def __init__(self) -> None:
+        self.said = False
+
+    def __call__(self, model: LoadedModel) -> None:
+        if self.said:
+            return
+        devices = model.restorer.devices
+        where = f"{len(devices)} processes ({', '.join(devices)})" if len(devices) > 1 else devices[0]
+        weights = ", random weights: the output is noise" if model.random_weights else ""
+        print(f"{model.model_type} ({model.variant}) on {where}{weights}", file=sys.stderr, flush=True)
+        self.said = True
+
+
 def output_stems(files: list[Path]) -> list[str]:
     """A distinct stem per input: the file's stem, with its extension added where two inputs share one."""
     stems = [path.stem for path in files]
@@ -79,7 +96,7 @@ def output_stems(files: list[Path]) -> list[str]:
 
 
 def restore_file(holder: ModelHolder, spec: RestoreSpec, model: ModelSpec, path: Path, outdir: Path, stem: str,
-                 index: int) -> dict:
+                 index: int, announce: Callable[[LoadedModel], None]) -> dict:
     started = time.perf_counter()
     row: dict[str, object] = {"file": str(path), "kind": "-", "input": "-", "output": "-", "frames": "-", "status": "ok"}
     with tempfile.TemporaryDirectory(prefix="seedvr-cli-") as tmp:
@@ -91,6 +108,7 @@ def restore_file(holder: ModelHolder, spec: RestoreSpec, model: ModelSpec, path:
             bar = Bar(path.name, item.frame_count)
             try:
                 with holder.use(model) as loaded:
+                    announce(loaded)
                     restored = jobs.restore_item(loaded, spec, item, size, workdir, Progress(item.frame_count, bar))
             finally:
                 bar.close()
@@ -139,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no input files found")
     args.outdir.mkdir(parents=True, exist_ok=True)
     try:
-        rows = [restore_file(holder, spec, model, path, args.outdir, stem, index)
+        announce = Announcement()
+        rows = [restore_file(holder, spec, model, path, args.outdir, stem, index, announce)
                 for index, (path, stem) in enumerate(zip(files, output_stems(files)))]
     finally:
         holder.release()

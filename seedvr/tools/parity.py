@@ -78,7 +78,7 @@ def tensors_by_role(meta: dict, file: str, role: str) -> list[str]:
     return [name for name, info in meta["files"][file]["tensors"].items() if info["role"] == role]
 
 
-def build_dit(case: str, kwargs: dict, weights: Path):
+def build_dit(case: str, kwargs: dict, weights: Path) -> NaDiT3B | NaDiT7B:
     model = DIT_CLASSES[case](**kwargs).eval()
     return load_strict(model, read_state_dict(weights), weights)
 
@@ -105,7 +105,8 @@ def check_dit(case_dir: Path, meta: dict) -> list[Result]:
     return results
 
 
-def check_packing_invariance(model, file, inputs, ours, golden) -> list[Result]:
+def check_packing_invariance(model: torch.nn.Module, file: str, inputs: dict[str, torch.Tensor], ours: torch.Tensor,
+                             golden: torch.Tensor) -> list[Result]:
     """3B batch golden: sample 0 against the golden; sample 1 against our own single-sample run.
 
     The official 3B lets samples b >= 1 read sample 0's rotated text (spec 4.9); we do not reproduce that.
@@ -120,7 +121,7 @@ def check_packing_invariance(model, file, inputs, ours, golden) -> list[Result]:
     ]
 
 
-def check_bf16_qkv(model, file, inputs, golden) -> Result:
+def check_bf16_qkv(model: torch.nn.Module, file: str, inputs: dict[str, torch.Tensor], golden: torch.Tensor) -> Result:
     if not hasattr(model, BF16_QKV_FLAG):
         return Result(file, "vid_sample_bf16qkv", None, None, None, f"model has no {BF16_QKV_FLAG} flag")
     setattr(model, BF16_QKV_FLAG, True)
@@ -170,7 +171,7 @@ def check_pipeline(case_dir: Path, meta: dict) -> list[Result]:
     for run, settings in meta["runs"].items():
         file = f"{run}.safetensors"
         golden = load_file(case_dir / file)
-        stages = {}
+        stages: dict[str, torch.Tensor] = {}
         sampling = Sampling(seed=settings["seed"], cfg_scale=settings["cfg_scale"],
                             cfg_rescale=settings["cfg_rescale"], sample_steps=settings["sample_steps"])
         pipeline.restore(golden["frames_uint8"].permute(0, 2, 3, 1), res_h=settings["res_h"], res_w=settings["res_w"],

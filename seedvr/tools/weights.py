@@ -27,12 +27,13 @@ import os
 import re
 import struct
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx2
 import torch
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import HfFileMetadata, constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from safetensors import SafetensorError, safe_open
@@ -58,13 +59,14 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 # Download
-def hub_metadata(repo: str, filename: str):
+def hub_metadata(repo: str, filename: str) -> HfFileMetadata:
     """The hub's answer to HEAD /{repo}/resolve/main/{filename}: where to GET it, its ETag and size."""
     if constants.is_offline_mode():
         raise CheckpointError(f"HF_HUB_OFFLINE is set, so {repo}/{filename} cannot be downloaded: unset it, {COPY_HINT}")
     try:
+        timeout = httpx2.Timeout(ANSWER_TIMEOUT_S, connect=REACH_TIMEOUT_S)
         metadata = get_hf_file_metadata(hf_hub_url(repo, filename),
-                                        timeout=httpx2.Timeout(ANSWER_TIMEOUT_S, connect=REACH_TIMEOUT_S))
+                                        timeout=timeout)  # type: ignore[arg-type]  # annotated float; httpx2 takes a Timeout
     except httpx2.TransportError as error:
         raise CheckpointError(f"cannot reach {constants.ENDPOINT} to download {repo}/{filename} "
                               f"({type(error).__name__}): check the network, {COPY_HINT}") from None
@@ -96,6 +98,7 @@ def check_content(path: Path, etag: str, label: str) -> None:
 def fetch(repo: str, filename: str, destination: Path) -> None:
     """Download one file to `destination`, resuming the partial file an interrupted earlier run left."""
     metadata = hub_metadata(repo, filename)
+    assert metadata.etag is not None  # hub_metadata refuses an answer without one
     partial = destination.with_name(f"{destination.name}.{re.sub('[^0-9A-Za-z]', '', metadata.etag)[:16]}.part")
     destination.parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(destination.with_name(destination.name + ".lock")):  # one downloader per file, across workers
@@ -171,7 +174,8 @@ def verify(model_type: str, variant: str) -> None:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
                       metadata: dict[str, str]) -> None:
     """Write each tensor cast to dtypes[key], one at a time (memory: the largest tensor); the file appears whole."""
-    header, offset = {"__metadata__": metadata}, 0
+    header: dict[str, Mapping[str, object]] = {"__metadata__": metadata}
+    offset = 0
     for key, tensor in tensors.items():
         size = tensor.numel() * dtypes[key].itemsize
         header[key] = {"dtype": SAFETENSORS_DTYPES[dtypes[key]], "shape": list(tensor.shape),
@@ -223,7 +227,7 @@ def convert(name: str, delete_pth: bool = False) -> None:
     print(f"{name}: converted and verified", flush=True)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seedvr.weights", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("download", "verify", "convert"))
     parser.add_argument("--model", required=True, choices=WEIGHT_SETS)

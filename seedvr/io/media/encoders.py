@@ -162,6 +162,7 @@ def choose_encoder(
     nvenc = spec.nvenc_encoder
     if (
         allow_nvenc
+        and nvenc is not None
         and nvenc in available
         and all(NVENC_MIN_SIDE <= side <= NVENC_MAX_SIDE[nvenc] for side in size)
         and nvenc_works(nvenc, pix_fmt)

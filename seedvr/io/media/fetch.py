@@ -21,10 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.models import PreparedRequest, Response
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ReadTimeoutError
@@ -38,7 +40,7 @@ MAX_REDIRECTS = 5
 CHUNK_BYTES = 1024**2
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")  # its last 32 bits are an IPv4 address
-_current_deadline = contextvars.ContextVar("seedvr_download_deadline")
+_current_deadline: contextvars.ContextVar["_Deadline"] = contextvars.ContextVar("seedvr_download_deadline")
 
 
 def fetch_url(url: str, dest_dir: Path, *, field: str = "media_url", max_bytes: int | None = None,
@@ -84,7 +86,8 @@ def fetch_url(url: str, dest_dir: Path, *, field: str = "media_url", max_bytes: 
     return path
 
 
-def _download(session, url, path, field, max_bytes, deadline) -> None:
+def _download(session: requests.Session, url: str, path: Path, field: str, max_bytes: int,
+              deadline: "_Deadline") -> None:
     """Follow redirects by hand (the adapter checks each hop) and stream the final body into `path`."""
     for _ in range(MAX_REDIRECTS + 1):
         if urlsplit(url).scheme.lower() not in ("http", "https"):
@@ -134,7 +137,7 @@ def resolve_public(host: str, port: int | None, field: str = "media_url") -> str
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as err:
         raise RestoreError(INVALID_INPUT, f"{field}: the host {excerpt(host)} could not be resolved") from err
-    addresses = [info[4][0] for info in sorted(infos, key=lambda info: info[0] != socket.AF_INET)]
+    addresses = [str(info[4][0]) for info in sorted(infos, key=lambda info: info[0] != socket.AF_INET)]
     if not settings.current().allow_private_urls:
         if not all(is_public_address(address) for address in addresses):  # the address itself is not shown
             raise RestoreError(INVALID_INPUT, f"{field}: the host {excerpt(host)} is not a public address; "
@@ -145,19 +148,22 @@ def resolve_public(host: str, port: int | None, field: str = "media_url") -> str
 class _PinnedAdapter(HTTPAdapter):
     """Connects to the checked address of the request's host, never to a second DNS answer."""
 
-    def __init__(self, field: str):
+    def __init__(self, field: str) -> None:
         self.field = field
         super().__init__()
 
-    def init_poolmanager(self, *args, **kwargs):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
-    def send(self, request, **kwargs):
+    def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
+        assert request.url is not None  # a request reaches the adapter prepared, URL included
         request.headers["Host"] = urlsplit(request.url).netloc.rpartition("@")[2]  # else http.client sends the IP
-        return super().send(request, **kwargs)
+        return super().send(request, *args, **kwargs)
 
-    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+    def build_connection_pool_key_attributes(self, request: PreparedRequest, verify: bool | str,
+                                             cert: str | tuple[str, str] | None = None,
+                                             ) -> tuple[dict[str, Any], dict[str, Any]]:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         hostname = host_params["host"]
         host_params["host"] = resolve_public(hostname, host_params["port"], self.field)
@@ -169,9 +175,9 @@ class _PinnedAdapter(HTTPAdapter):
 class _Deadline:
     """Shuts down every socket of one download when its time is up, waking any read blocked on one."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float) -> None:
         self._ends_at = time.monotonic() + seconds
-        self._socket_getters = []
+        self._socket_getters: list[Callable[[], socket.socket | None]] = []
         self._lock = threading.Lock()
         self.expired = False
         self._timer = threading.Timer(seconds, self._expire)
@@ -206,10 +212,16 @@ def _shutdown(sock: socket.socket | None) -> None:
         pass
 
 
-class _WatchedConnection:
+if TYPE_CHECKING:  # a mixin in front of HTTPConnection/HTTPSConnection; at run time it derives from object
+    _ConnectionBase = HTTPConnection
+else:
+    _ConnectionBase = object
+
+
+class _WatchedConnection(_ConnectionBase):
     """Puts the connection and its socket under the current download's deadline."""
 
-    def connect(self):
+    def connect(self) -> None:
         deadline = _current_deadline.get()
         deadline.watch(lambda: self.sock)  # while connecting: the TCP socket, then the TLS one wrapping it
         super().connect()

@@ -187,7 +187,9 @@ def _top_level_items(description: str) -> list[str]:
     """Split a stream description on the commas outside parentheses/brackets:
     'h264 (High), yuv420p(tv, bt709), 64x48 [SAR 1:1 DAR 4:3], 25 fps'
     -> ['h264 (High)', 'yuv420p(tv, bt709)', '64x48 [SAR 1:1 DAR 4:3]', '25 fps']."""
-    items, depth, current = [], 0, []
+    items: list[str] = []
+    depth = 0
+    current: list[str] = []
     for char in description:
         if char in "([":
             depth += 1

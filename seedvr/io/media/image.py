@@ -57,7 +57,8 @@ class DecodedImage:
         return self.rgb.shape[1]
 
 
-def read_image(path_or_bytes, field: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:
+def read_image(path_or_bytes: bytes | bytearray | str | Path, field: str = "image",
+               max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:
     """Decode an image file (path or bytes) to upright 8-bit RGB and optional alpha."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else Path(path_or_bytes)
     try:
@@ -87,7 +88,8 @@ def read_image(path_or_bytes, field: str = "image", max_pixels: int = MAX_IMAGE_
         ) from err
 
 
-def write_image(rgb: np.ndarray, alpha: np.ndarray | None, path, format: str = "png", quality: int = 95) -> None:
+def write_image(rgb: np.ndarray, alpha: np.ndarray | None, path: str | Path, format: str = "png",
+                quality: int = 95) -> None:
     """Write RGB (h, w, 3) uint8 and, for png/webp, the alpha plane resized to (h, w).
 
     jpeg drops alpha. `quality` (1-100) applies to jpeg (chroma kept at full

@@ -12,12 +12,15 @@ import io
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import filetype
 from PIL import Image
 
 from seedvr.errors import INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError, excerpt
 
+magic: ModuleType | None
 try:
     import magic
 except ImportError:  # libmagic missing: `filetype` alone decides
@@ -73,7 +76,7 @@ ACCEPTED = (
 )
 
 
-def decode_base64(value, field: str, *, max_bytes: int | None = None) -> bytearray:
+def decode_base64(value: object, field: str, *, max_bytes: int | None = None) -> bytearray:
     """Bytes of a base64 string: standard or URL-safe alphabet, padded or not,
     whitespace anywhere, optionally wrapped in a `data:<mime>;base64,` URI.
 
@@ -128,7 +131,7 @@ def decode_base64(value, field: str, *, max_bytes: int | None = None) -> bytearr
     return decoded
 
 
-def encode_file_base64(path, mime: str | None = None) -> str:
+def encode_file_base64(path: str | Path, mime: str | None = None) -> str:
     """A file as standard padded base64 text (a data URI when `mime` is given), read in chunks into one
     buffer: the file's bytes are never held whole, so the peak is the text twice (buffer, then str)."""
     prefix = f"data:{mime};base64,".encode("ascii") if mime else b""
@@ -144,7 +147,7 @@ def encode_file_base64(path, mime: str | None = None) -> str:
     return text.decode("ascii")
 
 
-def sniff_media(data: bytes) -> MediaKind:
+def sniff_media(data: bytes | bytearray) -> MediaKind:
     """What the bytes are, from their content; UNSUPPORTED_MEDIA for anything else."""
     head = bytes(data[:SNIFF_BYTES])
     for mime in _candidate_mimes(head):
@@ -197,7 +200,7 @@ def _candidate_mimes(head: bytes) -> list[str]:
     return list(dict.fromkeys(mimes))
 
 
-def _animated_kind(data: bytes, mime: str) -> MediaKind:
+def _animated_kind(data: bytes | bytearray, mime: str) -> MediaKind:
     """GIF, PNG and WebP are videos when they hold more than one frame."""
     extension = IMAGE_MIMES[mime]
     try:

@@ -19,14 +19,17 @@ that is not a common one (a GIF's 400/13) is written exactly in the track header
 but reads back from a short clip as count / span rounded to the millisecond.
 """
 
+import io
 import itertools
 import logging
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from types import TracebackType
+from typing import NoReturn, cast
 
 import numpy as np
 
@@ -43,6 +46,7 @@ from seedvr.io.media.encoders import (
 )
 from seedvr.io.media.ffmpeg import (
     FfmpegError,
+    PacketTiming,
     ffmpeg_exe,
     list_streams,
     packet_timing,
@@ -74,7 +78,7 @@ class VideoInfo:
     stream_index: int  # the video stream used, as `-map 0:<stream_index>`
 
 
-def probe_video(path, field: str = "video") -> VideoInfo:
+def probe_video(path: str | Path, field: str = "video") -> VideoInfo:
     """Everything needed to decode and re-encode a video, without decoding it."""
     try:
         streams = list_streams(Path(path))
@@ -109,7 +113,7 @@ def probe_video(path, field: str = "video") -> VideoInfo:
     )
 
 
-def iter_frames(path, info: VideoInfo, field: str = "video") -> Iterator[np.ndarray]:
+def iter_frames(path: str | Path, info: VideoInfo, field: str = "video") -> Generator[np.ndarray, None, None]:
     """Yield exactly `info.frame_count` frames, uint8 (height, width, 3), in order.
 
     Raises INVALID_INPUT when the decoder produces another number of frames
@@ -126,8 +130,10 @@ def iter_frames(path, info: VideoInfo, field: str = "video") -> Iterator[np.ndar
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
         try:
+            assert process.stdout is not None  # stdout=PIPE
             produced = 0
-            while (frame := _read_frame(process.stdout, frame_bytes)) is not None:
+            stdout = cast(io.BufferedReader, process.stdout)  # a buffered pipe: Popen's default bufsize
+            while (frame := _read_frame(stdout, frame_bytes)) is not None:
                 produced += 1
                 if produced > info.frame_count:
                     break
@@ -149,7 +155,7 @@ def iter_frames(path, info: VideoInfo, field: str = "video") -> Iterator[np.ndar
             _stop(process)
 
 
-def read_frames(path, info: VideoInfo, start: int = 0, count: int | None = None) -> np.ndarray:
+def read_frames(path: str | Path, info: VideoInfo, start: int = 0, count: int | None = None) -> np.ndarray:
     """Frames [start, start + count) as one uint8 array (count, height, width, 3)."""
     stop = info.frame_count if count is None else min(start + count, info.frame_count)
     frames = iter_frames(path, info)
@@ -178,16 +184,16 @@ class VideoWriter:
 
     def __init__(
         self,
-        path,
+        path: str | Path,
         width: int,
         height: int,
         fps: Fraction,
-        audio_source=None,
+        audio_source: str | Path | None = None,
         codec: str = "h264",
         crf: int | None = None,
         pix_fmt: str = "yuv420p",
         container: str | None = None,
-    ):
+    ) -> None:
         if codec not in CODECS:
             raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
         if pix_fmt not in PIXEL_FORMATS:
@@ -232,7 +238,8 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, exc_type, exc, traceback) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -245,6 +252,7 @@ class VideoWriter:
             )
         if any(self._pad):
             frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
+        assert self._process.stdin is not None  # stdin=PIPE
         try:
             self._process.stdin.write(np.ascontiguousarray(frame).data)
         except (BrokenPipeError, ValueError) as err:  # ffmpeg died / pipe already closed
@@ -253,6 +261,7 @@ class VideoWriter:
 
     def close(self) -> None:
         """Finish the file: flush the encoder, mux the audio, check the frame count."""
+        assert self._process.stdin is not None  # stdin=PIPE
         if self._process.stdin.closed:
             return
         try:
@@ -274,6 +283,7 @@ class VideoWriter:
             self._fail(f"the encoded file holds {written} frames, {self.frames_written} were written")
 
     def _mux_audio(self) -> None:
+        assert self.audio_source is not None  # only a writer with an audio source writes video-only first
         audio = next((s for s in list_streams(self.audio_source) if s.kind == "audio"), None)
         if audio is None:
             self._video_path.replace(self.path)
@@ -314,7 +324,7 @@ class VideoWriter:
             self._video_path.unlink(missing_ok=True)
         self._stderr.close()
 
-    def _fail(self, reason: str, cause: Exception | None = None):
+    def _fail(self, reason: str, cause: Exception | None = None) -> NoReturn:
         """Log ffmpeg's last words, remove any partial output, raise INTERNAL."""
         if isinstance(cause, FfmpegError):
             stderr = cause.stderr_tail
@@ -329,7 +339,7 @@ class VideoWriter:
         raise RestoreError(INTERNAL, f"video encoding failed: {reason}") from cause
 
 
-def _frame_rate(codec: str, printed_rates: tuple[str, ...], timing, field: str) -> Fraction:
+def _frame_rate(codec: str, printed_rates: tuple[str, ...], timing: PacketTiming, field: str) -> Fraction:
     """The exact average frame rate; see the module docstring."""
     slack = TIMESTAMP_SLACK_TICKS * timing.time_base
     if codec not in FRAME_DELAY_CODECS:
@@ -342,7 +352,7 @@ def _frame_rate(codec: str, printed_rates: tuple[str, ...], timing, field: str) 
     return (timing.count / timing.span).limit_denominator(MAX_RATE_DENOMINATOR)
 
 
-def _read_frame(stream, size: int) -> np.ndarray | None:
+def _read_frame(stream: io.BufferedIOBase, size: int) -> np.ndarray | None:
     """The next `size` bytes as a writable uint8 array; None at the end of the stream."""
     buffer = bytearray(size)
     view, filled = memoryview(buffer), 0
