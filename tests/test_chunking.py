@@ -14,6 +14,7 @@ from seedvr.engine.checkpoint import load_strict, read_state_dict
 from seedvr.engine.chunking import CrossFader, chunk_weights, plan_chunks, positional_noise, restore_clip
 from seedvr.engine.pipeline import SeedVR2
 from seedvr.engine.restorer import Sampling, latent_shape
+from seedvr.engine.sizing import ItemSize
 from seedvr.models.dit3b import NaDiT3B
 from seedvr.models.vae import VideoAutoencoder
 
@@ -35,6 +36,11 @@ class StandIn:
     def restore(self, frames, **options):
         self.calls.append({"frames": len(frames), **options})
         return torch.from_numpy(np.ascontiguousarray(self.output(np.asarray(frames), len(self.calls) - 1)))
+
+
+def fit(height: int, width: int) -> ItemSize:
+    """The size of frames restored at their own size (every test clip is a multiple of 16 on each side)."""
+    return ItemSize(height, width, height, width)
 
 
 def identity():
@@ -83,7 +89,7 @@ def test_fade_weights_are_complementary(fade, overlap):
 def test_identity_pipeline_gives_back_every_frame_in_order(frames, chunk, overlap):
     clip = random_clip(frames)
     stand_in = identity()
-    out = list(restore_clip(stand_in, iter(clip), frames, chunk_frames=chunk, overlap=overlap, res_h=16, res_w=32,
+    out = list(restore_clip(stand_in, iter(clip), frames, fit(16, 32), chunk_frames=chunk, overlap=overlap,
                             sampling=Sampling(seed=3)))
     assert len(out) == frames
     assert np.array_equal(np.stack(out), clip)
@@ -94,8 +100,8 @@ def test_overlap_frames_are_the_cross_fade_of_the_two_chunks():
     values = [40.0, 200.0, 90.0]  # chunk i outputs the constant values[i]
     stand_in = StandIn(lambda clip, call: np.full_like(clip, values[call]))
     chunks = plan_chunks(45, 21, 9)
-    out = np.stack(list(restore_clip(stand_in, iter(random_clip(45)), 45, chunk_frames=21, overlap=9, res_h=16,
-                                     res_w=32, sampling=Sampling(seed=0))))
+    out = np.stack(list(restore_clip(stand_in, iter(random_clip(45)), 45, fit(16, 32), chunk_frames=21, overlap=9,
+                                     sampling=Sampling(seed=0))))
     assert len(chunks) == 3
     for index, item in enumerate(chunks[1:], start=1):
         for j in range(item.fade_in):  # frame item.start + j: fading from chunk index-1 to chunk index
@@ -108,7 +114,8 @@ def test_overlap_frames_are_the_cross_fade_of_the_two_chunks():
 def test_three_chunks_on_one_frame_blend_to_a_weighted_mean():
     # overlap 6 > step 3: frames lie in up to three chunks; an identity output must still come back exact
     clip = random_clip(20)
-    out = list(restore_clip(identity(), iter(clip), 20, chunk_frames=9, overlap=6, res_h=16, res_w=32, sampling=Sampling(seed=0)))
+    out = list(restore_clip(identity(), iter(clip), 20, fit(16, 32), chunk_frames=9, overlap=6,
+                            sampling=Sampling(seed=0)))
     assert np.array_equal(np.stack(out), clip)
 
 
@@ -124,8 +131,8 @@ def test_frames_stream_through_one_chunk_at_a_time():
     def before_chunk(index, item):
         marks.append((len(pulled), len(emitted)))
 
-    for frame in restore_clip(identity(), source(), frames, chunk_frames=chunk, overlap=overlap, res_h=16,
-                              res_w=32, sampling=Sampling(seed=0), on_chunk=before_chunk):
+    for frame in restore_clip(identity(), source(), frames, fit(16, 32), chunk_frames=chunk, overlap=overlap,
+                              sampling=Sampling(seed=0), on_chunk=before_chunk):
         emitted.append(frame)
     for item, (read, handed_on) in zip(plan_chunks(frames, chunk, overlap), marks):
         assert read == item.stop  # nothing is read before a chunk needs it
@@ -157,24 +164,24 @@ def test_noise_depends_on_the_position_in_the_clip_not_on_the_chunk():
 
 def test_every_chunk_gets_the_positional_noise_and_the_whole_clip_the_official_draws():
     stand_in = identity()
-    list(restore_clip(stand_in, iter(random_clip(30, 48, 64)), 30, chunk_frames=13, overlap=5, res_h=48,
-                      res_w=64, sampling=Sampling(seed=9)))
+    list(restore_clip(stand_in, iter(random_clip(30, 48, 64)), 30, fit(48, 64), chunk_frames=13, overlap=5,
+                      sampling=Sampling(seed=9)))
     for call, item in zip(stand_in.calls, plan_chunks(30, 13, 5)):
         eps, noise = positional_noise(9, item.start, (call["frames"] - 1 + 3) // 4 + 1, 6, 8, 16)
         assert torch.equal(call["eps"], eps) and torch.equal(call["noise"], noise)
         assert call["sampling"] == Sampling(seed=9)
     whole = identity()
-    list(restore_clip(whole, iter(random_clip(30, 48, 64)), 30, chunk_frames=33, overlap=5, res_h=48, res_w=64,
+    list(restore_clip(whole, iter(random_clip(30, 48, 64)), 30, fit(48, 64), chunk_frames=33, overlap=5,
                       sampling=Sampling(seed=9)))
     assert len(whole.calls) == 1 and "eps" not in whole.calls[0] and "noise" not in whole.calls[0]
 
 
 def test_a_source_with_another_frame_count_is_an_error():
     with pytest.raises(ValueError):
-        list(restore_clip(identity(), iter(random_clip(12)), 10, chunk_frames=5, overlap=1, res_h=16, res_w=32,
+        list(restore_clip(identity(), iter(random_clip(12)), 10, fit(16, 32), chunk_frames=5, overlap=1,
                           sampling=Sampling(seed=0)))
     with pytest.raises(ValueError):
-        list(restore_clip(identity(), iter(random_clip(8)), 10, chunk_frames=5, overlap=1, res_h=16, res_w=32,
+        list(restore_clip(identity(), iter(random_clip(8)), 10, fit(16, 32), chunk_frames=5, overlap=1,
                           sampling=Sampling(seed=0)))
 
 
@@ -195,8 +202,8 @@ def pipeline(golden):
 @pytest.mark.parametrize("frames, chunk", [(9, 9), (7, 21), (1, 5)])
 def test_a_chunk_as_long_as_the_clip_is_exactly_the_whole_clip_pass(pipeline, frames, chunk):
     clip = pattern_frames(frames, 64, 48)
-    streamed = np.stack(list(restore_clip(pipeline, iter(clip), frames, chunk_frames=chunk, overlap=4, res_h=48,
-                                          res_w=64, sampling=Sampling(seed=11))))
+    streamed = np.stack(list(restore_clip(pipeline, iter(clip), frames, fit(48, 64), chunk_frames=chunk, overlap=4,
+                                          sampling=Sampling(seed=11))))
     whole = pipeline.restore(clip, res_h=48, res_w=64, sampling=Sampling(seed=11)).numpy()
     assert np.array_equal(streamed, whole)
 
@@ -206,8 +213,8 @@ def test_real_pipeline_keeps_count_and_order_through_chunks(pipeline):
     colour over: most output frames must be nearest to their own pattern colour, and none of that survives
     a shift by one frame."""
     frames = 30
-    out = np.stack(list(restore_clip(pipeline, iter(pattern_frames(frames, 64, 48)), frames, chunk_frames=9,
-                                     overlap=1, res_h=48, res_w=64, sampling=Sampling(seed=1))))
+    out = np.stack(list(restore_clip(pipeline, iter(pattern_frames(frames, 64, 48)), frames, fit(48, 64), chunk_frames=9,
+                                     overlap=1, sampling=Sampling(seed=1))))
     assert out.shape == (frames, 48, 64, 3)
     palette = 16  # pattern colours repeat every 16 frames
     nearest = np.array([closest_pattern_frame(frame, palette)[0] for frame in out])

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seedvr.engine.preprocess import VAE_TEMPORAL_STRIDE, output_size
+from seedvr.engine.preprocess import VAE_TEMPORAL_STRIDE
 from seedvr.engine.restorer import Restorer, Sampling
+from seedvr.engine.sizing import ItemSize
 
 FADES = ("hann", "linear")
 
@@ -173,14 +174,14 @@ def _finish(frames: Iterator[np.ndarray]) -> None:
         raise ValueError("the frame source holds more frames than announced")
 
 
-def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: int, *,
-                 chunk_frames: int | None = None, overlap: int = 0, res_h: int, res_w: int,
-                 sampling: Sampling = Sampling(), fade: str = "hann",
+def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: int, size: ItemSize, *,
+                 chunk_frames: int | None = None, overlap: int = 0, sampling: Sampling = Sampling(), fade: str = "hann",
                  on_chunk: Callable[[int, Chunk], None] | None = None, timings: dict[str, float] | None = None,
                  on_phase: Callable[[str], None] | None = None) -> Iterator[np.ndarray]:
     """Yield the restored uint8 (Hc, Wc, 3) frames of a clip, in order, one per input frame.
 
-    frames: uint8 (H, W, 3) frames, read lazily (e.g. from `seedvr.io.media.video.iter_frames`).
+    frames: uint8 (H, W, 3) frames, read lazily (e.g. from `seedvr.io.media.video.iter_frames`). size: the
+    item's output size (seedvr.engine.sizing.item_size), the same for every chunk.
     restorer: the single-process pipeline or a sequence-parallel group. timings, on_phase: passed to every
     `restorer.restore` call. on_chunk(index, chunk) is called before each chunk is restored.
     """
@@ -191,7 +192,7 @@ def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: 
             on_chunk(0, chunks[0])
         clip = _read_clip(source, frame_count)
         _finish(source)
-        restored = restorer.restore(clip, res_h=res_h, res_w=res_w, sampling=sampling, timings=timings,
+        restored = restorer.restore(clip, res_h=size.res_h, res_w=size.res_w, sampling=sampling, timings=timings,
                                     on_phase=on_phase)
         del clip
         yield from restored.numpy()
@@ -209,11 +210,10 @@ def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: 
         if on_chunk is not None:
             on_chunk(index, chunk)
         clip = np.stack(window)
-        height, width = output_size(clip.shape[1], clip.shape[2], res_h, res_w)
-        latent = restorer.latent_shape(chunk.frames, height, width)
+        latent = restorer.latent_shape(chunk.frames, size.height, size.width)
         eps, noise = positional_noise(sampling.seed, chunk.start, latent.frames, latent.height, latent.width,
                                       latent.channels)
-        restored = restorer.restore(clip, res_h=res_h, res_w=res_w, sampling=sampling, eps=eps, noise=noise,
+        restored = restorer.restore(clip, res_h=size.res_h, res_w=size.res_w, sampling=sampling, eps=eps, noise=noise,
                                     timings=timings, on_phase=on_phase)
         del clip, eps, noise
         complete_before = chunks[index + 1].start if index + 1 < len(chunks) else frame_count

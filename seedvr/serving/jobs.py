@@ -134,9 +134,9 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
     progress.phase("decode")
 
     restored = chunking.restore_clip(
-        restorer, _source(item, timings, middle, before), item.frame_count, chunk_frames=plan.chunk_frames,
-        overlap=plan.chunk_overlap, res_h=size.res_h, res_w=size.res_w, sampling=spec.sampling, timings=timings,
-        on_phase=on_phase, on_chunk=lambda index, chunk: memory_plan.trim_host_memory())
+        restorer, _source(item, timings, middle, before), item.frame_count, size, chunk_frames=plan.chunk_frames,
+        overlap=plan.chunk_overlap, sampling=spec.sampling, timings=timings, on_phase=on_phase,
+        on_chunk=lambda index, chunk: memory_plan.trim_host_memory())
     if item.kind == "image":
         (after,) = restored
         progress.phase("encode")
