@@ -8,22 +8,28 @@ stops the worker at start. Every failure of a job is answered as {"error": "<COD
 traceback goes to the log only, and the worker keeps serving.
 """
 
+import asyncio
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from seedvr import settings
-from seedvr.errors import INTERNAL, RestoreError
+from seedvr.errors import INTERNAL, RestoreError, is_no_space, no_space
 from seedvr.serving import fitness, jobs
+from seedvr.serving.cancel import CancelToken
 from seedvr.serving.health import health
 from seedvr.serving.logs import install, job_logging
 from seedvr.serving.model_holder import ModelHolder
 from seedvr.serving.progress import runpod_sink
 from seedvr.serving.schema import InitializeRequest, Request, RestoreRequest, parse_request
+from seedvr.serving.shutdown import STOP_GRACE_S, Shutdown
 
 DEBUG = os.environ.get("RUNPOD_DEBUG") == "1"
 install(logging.DEBUG if DEBUG else logging.INFO)
@@ -32,45 +38,82 @@ if DEBUG:
 log = logging.getLogger("seedvr.handler")
 
 HOLDER = ModelHolder()  # the worker's one warm model
+SHUTDOWN = Shutdown(HOLDER.release)  # the running jobs, and what SIGTERM does in production
 
 
-def _health(request: Request, job: dict) -> dict:
+def _health(request: Request, context: jobs.JobContext) -> dict:
     return health(HOLDER)
 
 
-def _initialize(request: Request, job: dict) -> dict:
+def _initialize(request: Request, context: jobs.JobContext) -> dict:
     assert isinstance(request, InitializeRequest)
     return jobs.initialize(request, HOLDER)
 
 
-def _restore(request: Request, job: dict) -> dict:
+def _restore(request: Request, context: jobs.JobContext) -> dict:
     assert isinstance(request, RestoreRequest)
-    return jobs.restore(request, jobs.JobContext(str(job.get("id", "local")), runpod_sink(job)), HOLDER)
+    return jobs.restore(request, context, HOLDER)
 
 
-ACTIONS: dict[str, Callable[[Request, dict], dict]] = {
+ACTIONS: dict[str, Callable[[Request, jobs.JobContext], dict]] = {
     "health": _health,
     "initialize": _initialize,
     "restore": _restore,
 }
 
 
-def handler(job: dict) -> dict:
+def serve(job: dict, cancel: CancelToken | None = None) -> dict:
+    """One job, synchronously: its answer, or {"error": "<CODE>: <message>"} (the traceback goes to the log)."""
     job_id = str(job.get("id", "local"))
+    context = jobs.JobContext(job_id, runpod_sink(job), cancel or CancelToken())
     with job_logging(job_id):
         try:
             request = parse_request(job.get("input"))
-            return ACTIONS[request.action](request, job)
+            return ACTIONS[request.action](request, context)
         except RestoreError as error:
             log.warning("job failed: %s", error)
             return {"error": str(error)}
         except settings.SettingsError as error:
             log.error("job failed on a setting: %s", error)
             return {"error": f"{INTERNAL}: the worker is misconfigured: {error}"}
+        except OSError as error:
+            if not is_no_space(error):
+                log.exception("job failed with an unexpected error")
+                return {"error": f"{INTERNAL}: the worker hit an unexpected error; details are in the worker log "
+                                 f"(job {job_id})"}
+            answer = no_space(Path(tempfile.gettempdir()), "the job's files did not fit")
+            log.warning("job failed: %s", answer)
+            return {"error": str(answer)}
         except Exception:
             log.exception("job failed with an unexpected error")
             return {"error": f"{INTERNAL}: the worker hit an unexpected error; details are in the worker log "
                              f"(job {job_id})"}
+
+
+async def handler(job: dict) -> dict:
+    """The runpod handler: `serve` in a thread, so that runpod's stop (its per-job stop channel, /cancel, an
+    execution timeout) reaches the job. A stopped job's token is cancelled: the work stops at its next check
+    (between frames, chunks and phases; a sequence-parallel group is interrupted at once), its ffmpeg processes
+    end and its files are removed; then the CancelledError goes on to runpod, as async handlers must."""
+    SHUTDOWN.watch_sigterm()
+    cancel = CancelToken()
+    with job_logging(str(job.get("id", "local"))), SHUTDOWN.running(cancel) as stopped:
+
+        def work() -> dict:
+            try:
+                return serve(job, cancel)
+            finally:
+                stopped.set()
+
+        future = asyncio.ensure_future(asyncio.to_thread(work))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            log.warning("job stopped by RunPod: cancelling its work")
+            cancel.cancel("the job was stopped")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), STOP_GRACE_S)
+            raise
 
 
 def prepare() -> None:

@@ -4,7 +4,7 @@
     python benchmarks/bench_rss.py --frames 200 2000 --json
 
 Each clip (ffmpeg's testsrc, 256x256 at 25 fps, h264) is restored to a 16x16 output by a fresh process
-running `handler.handler` with the random-weight installation of `python -m seedvr.tiny`; its peak RSS
+running `handler.serve` with the random-weight installation of `python -m seedvr.tiny`; its peak RSS
 is the kernel's ru_maxrss for that process (os.wait4). Frames stream from the decoder through temporal
 chunks into the encoder, so the peak should not grow with the clip's length; the output frame count is
 checked against the input's.
@@ -32,7 +32,7 @@ from pathlib import Path
 import handler
 from seedvr.io.media.video import probe_video
 job = json.loads(Path(sys.argv[1]).read_text())
-answer = handler.handler(job)
+answer = handler.serve(job)
 summary = {"error": answer.get("error")}
 if "error" not in answer:
     out = Path(sys.argv[2]).with_suffix(".mp4")

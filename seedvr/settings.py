@@ -27,6 +27,7 @@ DEFAULT_MAX_CHUNK_FRAMES = 121  # see seedvr.engine.memory_plan
 DEFAULT_BASE64_LIMIT_BYTES = 15_000_000  # below RunPod's 20 MB response limit, with room for the rest
 DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 1024**3
 DEFAULT_DOWNLOAD_TIMEOUT_S = 120.0
+DEFAULT_SP_STALL_S = 300.0  # a rank without progress this long is hung (its collective timeout too)
 
 BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
 PATH_VARIABLES = ("SEEDVR_CONFIG_DIR", "SEEDVR_CKPT_DIR", "SEEDVR_EMBEDDINGS_DIR")
@@ -40,6 +41,7 @@ VARIABLES = (
     "SEEDVR_DOWNLOAD_TIMEOUT_S",
     "SEEDVR_ALLOW_PRIVATE_URLS",
     "SEEDVR_DISABLE_NVENC",
+    "SEEDVR_SP_STALL_S",
     "SEEDVR_TEST_MEMORY_BUDGET_BYTES",
     "SEEDVR_TEST_MEMORY_SCALE",
     *BUCKET_VARIABLES,
@@ -74,6 +76,7 @@ class Settings:
     download_timeout_s: float  # media_url overall deadline
     allow_private_urls: bool  # media_url may point at private / loopback addresses
     disable_nvenc: bool
+    sp_stall_s: float  # a sequence-parallel rank without progress this long is torn down
     bucket: Bucket | None
     test_memory_budget_bytes: int | None  # tests: a simulated device of this many bytes
     test_memory_scale: float  # tests: the simulated device needs this times the estimate
@@ -92,6 +95,7 @@ class Settings:
             "download_timeout_s": self.download_timeout_s,
             "allow_private_urls": self.allow_private_urls,
             "disable_nvenc": self.disable_nvenc,
+            "sp_stall_s": self.sp_stall_s,
             "bucket_endpoint_url": self.bucket.endpoint_url if self.bucket else None,
         }
 
@@ -180,6 +184,7 @@ def read(environ: dict[str, str]) -> Settings:
         download_timeout_s=_positive_number(environ, "SEEDVR_DOWNLOAD_TIMEOUT_S", DEFAULT_DOWNLOAD_TIMEOUT_S),
         allow_private_urls=_flag(environ, "SEEDVR_ALLOW_PRIVATE_URLS"),
         disable_nvenc=_flag(environ, "SEEDVR_DISABLE_NVENC"),
+        sp_stall_s=_positive_number(environ, "SEEDVR_SP_STALL_S", DEFAULT_SP_STALL_S),
         bucket=_bucket(environ),
         test_memory_budget_bytes=(_integer(environ, "SEEDVR_TEST_MEMORY_BUDGET_BYTES", 0, 1, "a positive integer")
                                   if budget_raw else None),

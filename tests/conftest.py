@@ -45,7 +45,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_handler(tiny_dir):
-    """`handler.handler` in this process, pointed at the tiny installation; the warm model is released after."""
+    """`handler.serve` (the synchronous body of the handler) in this process, pointed at the tiny installation;
+    the warm model is released after."""
     from worker_server import tiny_paths
 
     with pytest.MonkeyPatch.context() as patch:
@@ -54,7 +55,7 @@ def tiny_handler(tiny_dir):
         patch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)
         import handler
 
-        yield handler.handler
+        yield handler.serve
         handler.HOLDER.release()
 
 

@@ -25,7 +25,7 @@ def tiny_env(tiny_dir, monkeypatch):
 
 
 def run(job_input) -> dict:
-    return handler.handler({"id": "test-job", "input": job_input})
+    return handler.serve({"id": "test-job", "input": job_input})
 
 
 @pytest.mark.parametrize("job_input", [None, "health", ["restore"], 5])

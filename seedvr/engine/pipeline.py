@@ -97,6 +97,10 @@ class SeedVR2:
     def resident_weight_bytes(self) -> int:
         return memory_plan.resident_bytes((self.dit, self.vae), self.device)
 
+    def interrupt(self) -> None:
+        """Nothing to do in one process: the job's thread stops at its next check (between frames, chunks and
+        phases); a kernel in flight cannot be stopped from outside anyway."""
+
     def close(self) -> None:
         """Nothing to stop in one process: the weights go when the last reference does."""
         if self.dit.block_offload is not None:

@@ -96,4 +96,9 @@ class Restorer(Protocol):
         """Bytes of weights held on the device (one rank's, for a group): reusable by a job's plan."""
         ...
 
+    def interrupt(self) -> None:
+        """From another thread: stop the work in flight as soon as possible (a cancelled job). One process
+        stops at the caller's next check between frames, chunks and phases; a group kills its ranks now."""
+        ...
+
     def close(self) -> None: ...

@@ -7,6 +7,11 @@ first frame before the clip and nothing after it. When a clip is cut into
 chunks, every conv instead prepends the input frames that the previous chunk
 left unconsumed (`kt - st` of them for the shapes used here), kept in a
 `TemporalCache`. Norms and attention work frame by frame, so chunking is exact.
+
+Memory format: every conv has a `memory_format`. `torch.contiguous_format` (the default) leaves tensors
+as the ops produce them, NCDHW: the float32 reference path. `torch.channels_last_3d` (NDHWC) makes every
+conv input that layout (the time padding is written into one buffer already in it; the model's weights
+are converted by `VideoAutoencoder.memory_format`); see `conv_memory_format` for when and why.
 """
 
 import math
@@ -20,6 +25,50 @@ GIB = 1024**3
 # fp32 working set of one per-frame GroupNorm call; larger inputs are normalised
 # a few frames at a time (exact: statistics never cross frames).
 NORM_CHUNK_BYTES = GIB // 2
+
+CONV_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last_3d)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def conv_memory_format(device: torch.device | str, dtype: torch.dtype) -> torch.memory_format:
+    """The layout the VAE's convolutions run in on `device` at `dtype`.
+
+    channels_last_3d for half precision on CUDA: on cuDNN 9.8 to 9.14, PyTorch refuses cuDNN for a bf16/fp16
+    5-D convolution with a kernel larger than 1 when `cudnn_conv_suggest_memory_format(input, weight)` is
+    contiguous, i.e. when neither the input nor the weight is channels_last_3d (pytorch #163539, PR #163581,
+    `ConvParams::use_cudnn` in aten/src/ATen/native/Convolution.cpp), and falls back to slow_conv_dilated3d
+    (vol2col): 1.6-3.7x slower per conv on Hopper and scratch memory about 27x the conv input (sglang #23200,
+    #27431; LightX2V #860). In channels_last_3d cuDNN also skips its NCDHW<->NDHWC transposes on every
+    cuDNN. Everywhere else contiguous: the float32 CPU path the goldens were made with, unchanged.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and dtype in HALF_DTYPES:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def check_conv_memory_format(memory_format: torch.memory_format) -> torch.memory_format:
+    if memory_format not in CONV_MEMORY_FORMATS:
+        raise ValueError(f"VAE memory format must be one of {', '.join(map(str, CONV_MEMORY_FORMATS))}; "
+                         f"got {memory_format}")
+    return memory_format
+
+
+def in_layout(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """x in `memory_format` (a copy only when it is not already); contiguous_format: x as it is."""
+    if memory_format == torch.contiguous_format:
+        return x
+    return x.contiguous(memory_format=memory_format)
+
+
+def join_frames(parts: list[Tensor], memory_format: torch.memory_format) -> Tensor:
+    """torch.cat(parts, dim=2), written into one buffer in `memory_format` (contiguous_format: a plain cat)."""
+    if memory_format == torch.contiguous_format:
+        return torch.cat(parts, dim=2)
+    first = parts[0]
+    shape = (first.size(0), first.size(1), sum(part.size(2) for part in parts), *first.shape[3:])
+    out = torch.empty(shape, dtype=first.dtype, device=first.device, memory_format=memory_format)
+    return torch.cat(parts, dim=2, out=out)
 
 
 class TemporalCache:
@@ -49,7 +98,7 @@ class TemporalCache:
         after the previous chunk's tail; keeps this chunk's unconsumed tail for the next one."""
         head = layer.first_frame_padding(x) if self.is_first_chunk else self.pop(layer)
         if head is not None:
-            x = torch.cat([head, x], dim=2)
+            x = join_frames([head, x], layer.memory_format)
         tail = layer.unconsumed_frames(x.size(2))
         if tail:  # clone: a view would keep the whole chunk alive
             self.put(layer, x[:, :, x.size(2) - tail :].clone())
@@ -73,6 +122,7 @@ class CausalConv3d(nn.Conv3d):
         self.time_padding = pt
         self.space_padding = (ph, pw)
         self.max_input_bytes = GIB // 2
+        self.memory_format = torch.contiguous_format  # of every input it convolves (see the module docstring)
 
     def forward(self, x: Tensor, cache: TemporalCache | None = None) -> Tensor:
         # x: (B, C, T, H, W) -> (B, C_out, T_out, H_out, W_out)
@@ -83,7 +133,7 @@ class CausalConv3d(nn.Conv3d):
         if cache is not None:
             return cache.extend(self, x)
         head = self.first_frame_padding(x)
-        return x if head is None else torch.cat([head, x], dim=2)
+        return x if head is None else join_frames([head, x], self.memory_format)
 
     def first_frame_padding(self, x: Tensor) -> Tensor | None:
         """The 2·pt copies of x's first frame that a clip starts with (None without temporal padding)."""
@@ -99,6 +149,7 @@ class CausalConv3d(nn.Conv3d):
         return frames - windows * st
 
     def _convolve(self, x: Tensor) -> Tensor:
+        x = in_layout(x, self.memory_format)  # a no-op on the model's own path; covers other callers' inputs
         ph, pw = self.space_padding
         batch, channels, frames, height, width = x.shape
         padded_bytes = batch * channels * frames * (height + 2 * ph) * (width + 2 * pw) * x.element_size()
@@ -114,10 +165,11 @@ class CausalConv3d(nn.Conv3d):
             top = first * sh - ph
             bottom = (last - 1) * sh + kh - ph
             piece = x[:, :, :, max(top, 0) : min(bottom, height)]
-            piece = F.pad(piece, (pw, pw, max(-top, 0), max(bottom - height, 0)))
+            piece = in_layout(F.pad(piece, (pw, pw, max(-top, 0), max(bottom - height, 0))), self.memory_format)
             rows = F.conv3d(piece, self.weight, self.bias, self.stride)  # (B, C_out, T_out, last - first, W_out)
             if out is None:
-                out = rows.new_empty(*rows.shape[:3], rows_out, rows.size(4))
+                out = torch.empty((*rows.shape[:3], rows_out, rows.size(4)), dtype=rows.dtype, device=rows.device,
+                                  memory_format=self.memory_format)
             out[:, :, :, first:last] = rows
         assert out is not None  # pieces > 1, so the loop ran
         return out
@@ -133,7 +185,10 @@ class FrameGroupNorm(nn.GroupNorm):
     """GroupNorm applied to each frame of a (B, C, T, H, W) video on its own.
 
     Statistics and the affine transform are computed in float32 and the result
-    cast back to the input dtype (what the official bf16 runs do under autocast).
+    cast back to the input dtype (what the official bf16 runs do under autocast),
+    in the input's memory layout. The float32 copy of each chunk is made NCHW in
+    the same pass as the cast: group_norm wants that layout (CUDA copies any
+    other; on CPU the values are the same either way).
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,7 +201,7 @@ class FrameGroupNorm(nn.GroupNorm):
         for t0 in range(0, frames, frames_per_chunk):
             chunk = x[:, :, t0 : t0 + frames_per_chunk]
             n = chunk.size(2)
-            flat = chunk.transpose(1, 2).flatten(0, 1).float()  # (B·n, C, H, W)
+            flat = chunk.transpose(1, 2).flatten(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
             normed = F.group_norm(flat, self.num_groups, weight, bias, self.eps)
             out[:, :, t0 : t0 + n] = normed.unflatten(0, (batch, n)).transpose(1, 2)
         return out

@@ -1,5 +1,9 @@
 """`health`: what the worker holds and what it can run, answered in milliseconds without loading anything."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 
 from seedvr import settings
@@ -27,11 +31,20 @@ def weight_files() -> dict[str, bool]:
     return present
 
 
+def disk_space(folder: Path) -> dict:
+    """Free and total bytes of the disk holding `folder` (its nearest existing parent)."""
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), Path("/"))
+    usage = shutil.disk_usage(existing)
+    return {"path": str(folder), "free_bytes": usage.free, "total_bytes": usage.total}
+
+
 def health(holder: ModelHolder) -> dict:
+    worker = settings.current()
     return {
         "status": "healthy",
         **holder.describe(),
         **gpu_facts(),
+        "disk": {"temporary": disk_space(Path(tempfile.gettempdir())), "weights": disk_space(worker.ckpt_dir)},
         "weights": weight_files(),
         "attention_backends": available_backends(),
         "settings": settings.current().public(),

@@ -12,7 +12,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,11 +22,12 @@ import torch
 from seedvr import settings
 from seedvr.engine import chunking, memory_plan
 from seedvr.engine.sizing import ItemSize, item_size
-from seedvr.errors import OUT_OF_MEMORY, RestoreError
+from seedvr.errors import OUT_OF_MEMORY, RestoreError, WorkerFault, is_no_space, no_space
 from seedvr.io.inputs import InputItem, gather_inputs
 from seedvr.io.media.video import iter_frames
 from seedvr.io.outputs import OutputFile, deliver_output, video_writer, write_comparison, write_restored_image
 from seedvr.serving.answer import ItemResult, initialize_answer, restore_answer
+from seedvr.serving.cancel import CancelToken
 from seedvr.serving.model_holder import LoadedModel, ModelHolder
 from seedvr.serving.progress import Progress, ProgressSink
 from seedvr.serving.schema import InitializeRequest, RestoreRequest
@@ -37,12 +38,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+MAX_WORKER_FAULT_RETRIES = 1  # an item whose worker process died or hung is retried once on a rebuilt group
+
+
 @dataclass(frozen=True)
 class JobContext:
-    """Who asked: the job's id (for object keys and logs) and where its progress goes."""
+    """Who asked: the job's id (for object keys and logs), where its progress goes, and the token that stops it."""
 
     job_id: str = "local"
     progress_sink: ProgressSink | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
 
 
 def initialize(request: InitializeRequest, holder: ModelHolder) -> dict:
@@ -60,22 +65,31 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
     spec = restore_spec(request)
     model_spec = holder.resolve(spec.model)  # a bad model choice fails before any download or decode
     started = time.perf_counter()
+    cancel = context.cancel
     with tempfile.TemporaryDirectory(prefix="seedvr-job-") as tmp:
         workdir = Path(tmp)
-        items = gather_inputs(spec.media, workdir)
-        sizes = sizes_of(spec, items)
-        progress = Progress(sum(item.frame_count for item in items), context.progress_sink)
-        progress.phase("load_model")
+        try:
+            items = gather_inputs(spec.media, workdir)
+            sizes = sizes_of(spec, items)
+            progress = Progress(sum(item.frame_count for item in items), context.progress_sink)
+            cancel.check()
+            progress.phase("load_model")
 
-        def run_items() -> tuple[LoadedModel, list[ItemResult]]:
-            with holder.use(model_spec) as model:
-                results = []
-                for item, size in zip(items, sizes):
-                    result = restore_item(model, spec, item, size, workdir, progress)
-                    results.append(deliver(spec, result, context.job_id, progress))
-                return model, results
+            def run_items() -> tuple[LoadedModel, list[ItemResult]]:
+                with holder.use(model_spec) as model:
+                    cancel.on_cancel(model.restorer.interrupt)  # a cancelled job stops a group's ranks at once
+                    results = []
+                    for item, size in zip(items, sizes):
+                        cancel.check()
+                        result = restore_item(model, spec, item, size, workdir, progress, cancel)
+                        results.append(deliver(spec, result, context.job_id, progress))
+                    return model, results
 
-        done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
+            done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
+        except OSError as error:
+            if not is_no_space(error):
+                raise
+            raise no_space(workdir, "the job's files did not fit") from error
         if done is None:
             _free_device_memory()
             log.warning("CUDA out of memory outside the memory plan: %s", failure)
@@ -94,13 +108,14 @@ def _decoded(item: InputItem) -> Generator[np.ndarray, None, None]:
     yield from iter_frames(item.path, item.video, field=item.field)
 
 
-def _source(item: InputItem, timings: dict[str, float], keep_index: int,
-            kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+def _source(item: InputItem, timings: dict[str, float], keep_index: int, kept: list[np.ndarray],
+            cancel: CancelToken) -> Iterator[np.ndarray]:
     """The item's frames, decoded as they are asked for (the time it takes goes to timings["decode"]);
-    a copy of frame `keep_index` is appended to `kept`."""
+    a copy of frame `keep_index` is appended to `kept`. Stops the decoder when the job is cancelled."""
     frames = _decoded(item)
     try:
         for index in itertools.count():
+            cancel.check()
             started = time.perf_counter()
             frame = next(frames, None)
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
@@ -114,8 +129,8 @@ def _source(item: InputItem, timings: dict[str, float], keep_index: int,
 
 
 def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: ItemSize, plan: memory_plan.MemoryPlan,
-              guess: memory_plan.Estimate, workdir: Path, progress: Progress,
-              timings: dict[str, float]) -> tuple[OutputFile, OutputFile | None]:
+              guess: memory_plan.Estimate, workdir: Path, progress: Progress, timings: dict[str, float],
+              cancel: CancelToken) -> tuple[OutputFile, OutputFile | None]:
     """Restore and encode one item under `plan`, frames streaming from the decoder through the model into
     the encoder. Returns (output file, comparison file or None)."""
     restorer = model.restorer
@@ -127,16 +142,21 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
 
     def on_phase(name: str) -> None:
         nonlocal encoding
+        cancel.check()
         progress.phase(name)
         encoding = False
         memory_plan.check_simulated(guess, name)
 
     progress.phase("decode")
 
+    def on_chunk(index: int, chunk: chunking.Chunk) -> None:
+        cancel.check()
+        memory_plan.trim_host_memory()
+
     restored = chunking.restore_clip(
-        restorer, _source(item, timings, middle, before), item.frame_count, size, chunk_frames=plan.chunk_frames,
-        overlap=plan.chunk_overlap, sampling=spec.sampling, timings=timings, on_phase=on_phase,
-        on_chunk=lambda index, chunk: memory_plan.trim_host_memory())
+        restorer, _source(item, timings, middle, before, cancel), item.frame_count, size,
+        chunk_frames=plan.chunk_frames, overlap=plan.chunk_overlap, sampling=spec.sampling, timings=timings,
+        on_phase=on_phase, on_chunk=on_chunk)
     if item.kind == "image":
         (after,) = restored
         progress.phase("encode")
@@ -148,6 +168,7 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
         writer, output = video_writer(spec.video, item, workdir, size.width, size.height)
         with writer:
             for index, frame in enumerate(restored):
+                cancel.check()
                 if not encoding:
                     progress.phase("encode")
                     encoding = True
@@ -180,7 +201,28 @@ def _free_device_memory() -> None:
 
 
 def restore_item(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: ItemSize, workdir: Path,
-                 progress: Progress) -> ItemResult:
+                 progress: Progress, cancel: CancelToken) -> ItemResult:
+    """Plan, restore and encode one item into workdir. Retries: a smaller plan after each CUDA out-of-memory;
+    the same item once more after a worker fault (a rank died or hung: its group is rebuilt). A second fault
+    fails the job with WORKER_FAULT, which says that sending it again may succeed."""
+    retries: list[dict] = []
+    frames_before = progress.frames_done
+    faults = 0
+    while True:
+        try:
+            return _restore_planned(model, spec, item, size, workdir, progress, cancel, retries)
+        except WorkerFault as fault:
+            cancel.check()  # a cancelled job's interrupted group is not a fault
+            if faults == MAX_WORKER_FAULT_RETRIES:
+                raise WorkerFault(f"{fault.message}; it failed again on a rebuilt group: send the job again") from None
+            faults += 1
+            log.warning("worker fault, retrying the item on a rebuilt group: %s", fault.message)
+            retries.append({"worker_fault": fault.message})
+            progress.frames_done = frames_before  # the item starts over
+
+
+def _restore_planned(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: ItemSize, workdir: Path,
+                     progress: Progress, cancel: CancelToken, retries: list[dict]) -> ItemResult:
     """Plan, restore with retries on CUDA out-of-memory (each with a smaller plan), encode into workdir."""
     timings: dict[str, float] = {}
     restorer = model.restorer
@@ -189,11 +231,11 @@ def restore_item(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: I
     wishes = spec.memory
     budget = memory_plan.available_memory(restorer)
     plan, guess = memory_plan.choose(footprint, budget, *clip, wishes)
-    retries: list[dict] = []
     frames_before = progress.frames_done
     while True:
         files, failure = _out_of_memory(
-            lambda: _run_plan(model, spec, item, size, plan, guess, workdir, progress, timings))  # noqa: B023 (run now)
+            lambda: _run_plan(model, spec, item, size, plan, guess, workdir, progress, timings,  # noqa: B023 (run now)
+                              cancel))
         if files is not None:
             break
         _free_device_memory()  # the failed attempt's tensors are unreachable now
@@ -202,7 +244,7 @@ def restore_item(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: I
         progress.frames_done = frames_before  # the item starts over
         budget = memory_plan.available_memory(restorer)
         retry = memory_plan.smaller(guess, footprint, budget, *clip, wishes)
-        if retry is None or len(retries) > memory_plan.MAX_RETRIES:
+        if retry is None or sum("plan" in entry for entry in retries) > memory_plan.MAX_RETRIES:
             raise RestoreError(OUT_OF_MEMORY, memory_plan.out_of_memory_message(
                 footprint, budget, guess, *clip, wishes, on_gpu=restorer.device.type == "cuda"))
         plan, guess = retry

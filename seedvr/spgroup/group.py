@@ -7,12 +7,15 @@
 The group is a `seedvr.engine.restorer.Restorer`, exactly as the single-process pipeline: chunking, the
 memory plan and the model holder use it without knowing it spans processes.
 
-Failure handling. The driver never blocks on a rank without also watching every rank's process: a rank
-that dies, or a job that fails on some ranks while the others stay stuck in a collective (waited for
-`error_grace_s`), makes the job raise at once; the group is then torn down (every process terminated and
-joined) and started afresh by the next job. An error that every rank raised alike (a bad request) leaves
-the group as it is. Rank processes are daemons, end when their pipe closes or the driver's process dies
-(see worker.py), and `close()` runs at interpreter exit: no rank outlives the driver.
+Failure handling. The driver never blocks on a rank without also watching every rank's process and its
+progress: a rank that dies, a rank whose heartbeats show no progress for `stall_s` seconds (a stopped
+process, a hung collective: the setting SEEDVR_SP_STALL_S), or a job that fails on some ranks while the
+others stay stuck in a collective (waited for `error_grace_s`), makes the job raise `SequenceParallelError`
+(WORKER_FAULT) at once; the group is then torn down (every process killed and joined) and started afresh by
+the next call, so the caller may retry. An error that every rank raised alike (a bad request) leaves the
+group as it is. `interrupt()` (another thread: a cancelled job) tears it down the same way. Rank processes
+are daemons, end when their pipe closes or the driver's process dies (see rank.py), and `close()` runs at
+interpreter exit: no rank outlives the driver.
 """
 
 import atexit
@@ -33,9 +36,10 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from seedvr import settings
 from seedvr.engine.memory_plan import Footprint, MemoryPlan
 from seedvr.engine.restorer import Frames, LatentShape, Sampling, latent_shape
-from seedvr.errors import INTERNAL, RestoreError
+from seedvr.errors import WorkerFault
 from seedvr.spgroup import wire
 from seedvr.spgroup.rank import RankContext, RankSpec, rank_main
 
@@ -44,11 +48,8 @@ log = logging.getLogger(__name__)
 STOP_WAIT_S = 10.0  # a rank asked to stop gets this long before it is terminated
 
 
-class SequenceParallelError(RestoreError):
-    """The group failed as a whole (a rank died or hung); it is restarted on the next job."""
-
-    def __init__(self, message: str):
-        super().__init__(INTERNAL, message)
+class SequenceParallelError(WorkerFault):
+    """The group failed as a whole (a rank died or hung); it is restarted on the next call."""
 
 
 @dataclass
@@ -63,13 +64,14 @@ class SequenceParallelGroup:
 
     device_kind: "cuda" (rank r on GPU r, NCCL) or "cpu" (gloo); default: cuda when available.
     start_timeout_s: for starting the ranks and loading the model. job_timeout_s: per job (None: no limit;
-    dead ranks are detected either way). error_grace_s: how long the other ranks may take to finish after
-    one failed before the group is torn down. collective_timeout_s: the ranks' own collective timeout.
+    dead and stalled ranks are detected either way). error_grace_s: how long the other ranks may take to
+    finish after one failed before the group is torn down. stall_s: how long a rank may go without progress
+    in a job (default: the setting SEEDVR_SP_STALL_S); also the ranks' own collective timeout.
     """
 
     def __init__(self, model_type: str, variant: str = "normal", sp_size: int = 2, attention_backend: str = "auto",
                  device_kind: str | None = None, *, start_timeout_s: float = 1800.0, job_timeout_s: float | None = None,
-                 error_grace_s: float = 10.0, collective_timeout_s: float = 1800.0):
+                 error_grace_s: float = 10.0, stall_s: float | None = None):
         device_kind = device_kind or ("cuda" if torch.cuda.is_available() else "cpu")
         if device_kind not in ("cuda", "cpu"):
             raise ValueError(f"device_kind must be 'cuda' or 'cpu', got {device_kind!r}")
@@ -80,7 +82,9 @@ class SequenceParallelGroup:
         self.model_type, self.variant, self.sp_size = model_type, variant, sp_size
         self._attention_backend, self.device_kind = attention_backend, device_kind
         self.start_timeout_s, self.job_timeout_s = start_timeout_s, job_timeout_s
-        self.error_grace_s, self.collective_timeout_s = error_grace_s, collective_timeout_s
+        self.error_grace_s = error_grace_s
+        self.stall_s = settings.current().sp_stall_s if stall_s is None else stall_s
+        self._interrupted = False  # set by interrupt(): the job in flight was cancelled
         self._job_lock = threading.Lock()  # one job at a time
         self._state_lock = threading.RLock()  # guards starting and tearing down
         self._ranks: list[_Rank] = []
@@ -209,7 +213,7 @@ class SequenceParallelGroup:
             context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; a fresh interpreter per rank
             self._store_dir = tempfile.mkdtemp(prefix="seedvr-sp-")
             spec = RankSpec(self.model_type, self.variant, self.sp_size, self._attention_backend, self.device_kind,
-                            str(Path(self._store_dir) / "store"), self.collective_timeout_s)
+                            str(Path(self._store_dir) / "store"), self.stall_s)
             for index in range(self.sp_size):
                 ours, theirs = context.Pipe()
                 process = context.Process(target=rank_main, args=(index, spec, theirs), daemon=True,
@@ -227,6 +231,7 @@ class SequenceParallelGroup:
         with self._job_lock:
             if self._closed:
                 raise SequenceParallelError("the sequence-parallel group was closed")
+            self._interrupted = False
             if not self.alive():
                 log.warning("sequence parallel: group is down, restarting it")
                 self._teardown()
@@ -250,13 +255,24 @@ class SequenceParallelGroup:
         errors: dict[int, wire.RemoteError] = {}
         grace_end = None
         ranks = list(self._ranks)
+        started = time.monotonic()
+        progress = {rank.index: (-1, started) for rank in ranks}  # (last progress reported, when it changed)
         while len(answers) + len(errors) < len(ranks):
-            ends = [end for end in (deadline, grace_end) if end is not None]
-            timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
             pending = [r for r in ranks if r.index not in answers and r.index not in errors]
+            stall_end = min(progress[r.index][1] for r in pending) + self.stall_s if job_id is not None else None
+            ends = [end for end in (deadline, grace_end, stall_end) if end is not None]
+            timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
             ready = multiprocessing.connection.wait([r.conn for r in pending] + [r.process.sentinel for r in ranks],
                                                     timeout)
-            if not ready:
+            now = time.monotonic()
+            if self._interrupted:
+                self._fail(job_id, errors, None, "interrupted: the job was cancelled", kill=True)
+            if stall_end is not None:
+                stalled = [r.index for r in pending if now - progress[r.index][1] > self.stall_s]
+                if stalled:
+                    self._fail(job_id, errors, stalled[0], f"rank {stalled[0]} made no progress for {self.stall_s:g} s "
+                                                           "(hung or stopped; SEEDVR_SP_STALL_S)", kill=True)
+            if not ready and (deadline is not None and now >= deadline or grace_end is not None and now >= grace_end):
                 self._fail(job_id, errors, None, "did not finish in time" if not errors else
                            f"the other ranks stayed busy {self.error_grace_s:g} s after rank {min(errors)} failed")
             for rank in pending:
@@ -266,7 +282,11 @@ class SequenceParallelGroup:
                     kind, answer_id, body = wire.receive(rank.conn)
                 except (EOFError, OSError):
                     self._fail(job_id, errors, rank.index, _gone(rank))
-                if kind == "phase":
+                if kind == "beat":
+                    if answer_id == job_id and body != progress[rank.index][0]:
+                        progress[rank.index] = (body, now)
+                elif kind == "phase":
+                    progress[rank.index] = (progress[rank.index][0], now)
                     _report_phase(on_phase, body)
                 elif answer_id == job_id and kind in ("done", "ready"):
                     answers[rank.index] = body
@@ -285,26 +305,38 @@ class SequenceParallelGroup:
         return [answers[index] for index in range(len(ranks))]
 
     def _fail(self, job_id: int | None, errors: dict[int, wire.RemoteError], culprit: int | None,
-              what: str) -> NoReturn:
-        """Tear the group down and raise. A rank that left (`culprit`) is the cause, unless it reported its own
-        error first; without one, the first rank error is."""
-        self._teardown()
+              what: str, kill: bool = False) -> NoReturn:
+        """Tear the group down and raise. A rank that left or stalled (`culprit`) is the cause, unless it reported
+        its own error first; without one, the first rank error is. An error the request caused (a RestoreError,
+        an out-of-memory, a ValueError) is raised as such; anything else is a WorkerFault, worth one retry."""
+        self._teardown(kill=kill)
         source = culprit if culprit is not None else min(errors, default=None)
-        if source in errors:
+        if source is not None and source in errors and errors[source].kind != "other":
             log.warning("sequence parallel: rank %d failed (%s); group torn down:\n%s", source, what,
                         errors[source].traceback)
             raise errors[source].rebuild(source)
+        if source is not None and source in errors:
+            log.warning("sequence parallel: rank %d failed (%s); group torn down:\n%s", source, what,
+                        errors[source].traceback)
+            what = f"rank {source} failed: {errors[source].type_name}: {errors[source].message[:200]}"
         stage = "while starting" if job_id is None else "during the job"
         log.warning("sequence parallel: group failed %s: %s; torn down", stage, what)
-        raise SequenceParallelError(f"sequence-parallel group failed {stage}: {what}; it restarts on the next job")
+        raise SequenceParallelError(f"sequence-parallel group failed {stage}: {what}; it restarts on the next call")
 
-    def _teardown(self) -> None:
-        """Terminate and join every rank process; remove the rendezvous files (idempotent)."""
+    def interrupt(self) -> None:
+        """From another thread: stop the job in flight now (its ranks are killed; the group restarts on the
+        next call). The interrupted call raises SequenceParallelError."""
+        self._interrupted = True
+        self._teardown(kill=True)
+
+    def _teardown(self, kill: bool = False) -> None:
+        """Stop and join every rank process (SIGTERM, SIGKILL after 5 s; at once with `kill`, which also ends a
+        stopped process); remove the rendezvous files (idempotent)."""
         with self._state_lock:
             ranks, self._ranks = self._ranks, []
             for rank in ranks:
                 if rank.process.is_alive():
-                    rank.process.terminate()
+                    rank.process.kill() if kill else rank.process.terminate()
             for rank in ranks:
                 rank.process.join(5.0)
                 if rank.process.is_alive():

@@ -8,8 +8,14 @@ pipe. Messages are (kind, job_id, body):
                      ("call", id, (fn, args))                                      run fn(context, *args)
                      ("stop", None, None)                                          leave
     rank -> driver:  ("ready", None, model facts) | ("failed", None, RemoteError)  after loading
+                     ("beat", id, progress)                                        every HEARTBEAT_S in a job
                      ("phase", id, name)                                           rank 0, when asked
                      ("done", id, packed result) | ("error", id, RemoteError)      after each job
+
+While a job runs, a thread of every rank sends a heartbeat with its progress: the number of DiT blocks and
+VAE convolutions it has entered (forward pre-hooks, so the models know nothing of it). A rank whose progress
+stands still is hung (a stopped process, a wedged collective or driver call): the driver's stall watchdog
+tears the group down. The collectives' own timeout is the same stall limit, so a hung collective raises too.
 
 Every rank runs the same pipeline code on the same request; the DiT and the VAE split their work over the
 group (seedvr.distributed.comm). Only rank 0's result goes back. A rank leaves when its pipe closes or its
@@ -23,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,6 +44,8 @@ from seedvr.engine.pipeline import SeedVR2
 from seedvr.spgroup import wire
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0  # between two progress reports of a rank in a job
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,42 @@ class RankContext:
     pipeline: SeedVR2  # runs its DiT and VAE sequence parallel over `sp`
 
 
+class Reporter:
+    """The rank's side of the pipe: sends from the job's thread and the heartbeat thread, one at a time, and
+    counts the progress the heartbeats carry."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.progress = 0  # DiT blocks and VAE convolutions entered so far
+        self.job_id: int | None = None  # the job in progress, None between jobs
+        self._lock = threading.Lock()
+
+    def send(self, message: wire.Message) -> None:
+        with self._lock:
+            wire.send(self.conn, message)
+
+    def count(self, *_: object) -> None:
+        self.progress += 1
+
+    def watch(self, pipeline: SeedVR2) -> None:
+        """Count every DiT block and VAE convolution the pipeline enters."""
+        for block in pipeline.dit.blocks:
+            block.register_forward_pre_hook(self.count)
+        for module in pipeline.vae.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.register_forward_pre_hook(self.count)
+
+    def beat_forever(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            job_id = self.job_id
+            if job_id is not None:
+                try:
+                    self.send(("beat", job_id, self.progress))
+                except OSError:  # the driver is gone; the parent watch ends this process
+                    return
+
+
 def rank_main(rank: int, spec: RankSpec, conn: Connection) -> None:
     """Entry point of a rank's process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the driver; it stops us
@@ -74,8 +119,11 @@ def rank_main(rank: int, spec: RankSpec, conn: Connection) -> None:
     wire.send(conn, ("ready", None, {"device": str(pipeline.device),
                                      "dtype": str(pipeline.dtype).removeprefix("torch."),
                                      "random_weights": pipeline.random_weights}))
+    reporter = Reporter(conn)
+    reporter.watch(context.pipeline)
+    threading.Thread(target=reporter.beat_forever, name="heartbeat", daemon=True).start()
     try:
-        _serve(context, conn)
+        _serve(context, reporter)
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()
@@ -123,26 +171,29 @@ def _join_and_load(rank: int, spec: RankSpec) -> RankContext:
     return RankContext(rank, sp, pipeline)
 
 
-def _serve(context: RankContext, conn: Connection) -> None:
+def _serve(context: RankContext, reporter: Reporter) -> None:
     while True:
         try:
-            kind, job_id, body = wire.receive(conn)
+            kind, job_id, body = wire.receive(reporter.conn)
         except (EOFError, OSError):  # the driver is gone
             return
         if kind == "stop":
             return
+        reporter.job_id = job_id
         try:
             if kind == "restore":
-                result = _restore(context, body, lambda name: wire.send(conn, ("phase", job_id, name)))  # noqa: B023
+                result = _restore(context, body, lambda name: reporter.send(("phase", job_id, name)))  # noqa: B023
             elif kind == "call":
                 fn, args = body
                 result = fn(context, *args)
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
-            wire.send(conn, ("done", job_id, wire.pack(result)))
+            answer: wire.Message = ("done", job_id, wire.pack(result))
         except Exception as error:
             log.debug("rank %d: job %s failed", context.rank, job_id, exc_info=True)  # the driver logs it
-            wire.send(conn, ("error", job_id, wire.RemoteError.describe(error)))
+            answer = ("error", job_id, wire.RemoteError.describe(error))
+        reporter.job_id = None
+        reporter.send(answer)
 
 
 def _restore(context: RankContext, body: tuple, send_phase: Callable[[str], None]

@@ -23,6 +23,7 @@ from seedvr import settings
 from seedvr.errors import RestoreError
 from seedvr.io.inputs import local_input
 from seedvr.serving import jobs
+from seedvr.serving.cancel import CancelToken
 from seedvr.serving.model_holder import LoadedModel, ModelHolder, ModelSpec
 from seedvr.serving.progress import Progress
 from seedvr.serving.schema import REQUIRED, TABLE, Boolean, Choice, Integer, Number, RestoreRequest, parse_request
@@ -109,7 +110,8 @@ def restore_file(holder: ModelHolder, spec: RestoreSpec, model: ModelSpec, path:
             try:
                 with holder.use(model) as loaded:
                     announce(loaded)
-                    restored = jobs.restore_item(loaded, spec, item, size, workdir, Progress(item.frame_count, bar))
+                    restored = jobs.restore_item(loaded, spec, item, size, workdir, Progress(item.frame_count, bar),
+                                                 CancelToken())
             finally:
                 bar.close()
             target = outdir / f"{stem}.restored{restored.output.path.suffix}"

@@ -33,7 +33,7 @@ from typing import NoReturn, cast
 
 import numpy as np
 
-from seedvr.errors import INTERNAL, INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError
+from seedvr.errors import INTERNAL, INVALID_INPUT, UNSUPPORTED_MEDIA, RestoreError, is_no_space, no_space
 from seedvr.io.media.encoders import (
     CODECS,
     CONTAINERS,
@@ -61,6 +61,7 @@ MAX_RATE_DENOMINATOR = 1001  # ffmpeg parses rates as num/den <= 1001000; keep t
 TIMESTAMP_SLACK_TICKS = 2  # a span measured from rounded timestamps is off by < 2 ticks
 CHROMA_HALVED = {"yuv420p", "yuv420p10le"}  # need even width and height
 ENCODE_TIMEOUT_S = 600  # waiting for ffmpeg to finish after the last frame
+NO_SPACE_MESSAGE = "No space left on device"  # what ffmpeg prints (strerror(ENOSPC)) when its output disk is full
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,8 @@ class VideoWriter:
         logger.error("encoding %s failed: %s\n%s", self.path.name, reason, stderr)
         self._abort()
         self.path.unlink(missing_ok=True)
+        if NO_SPACE_MESSAGE in stderr or is_no_space(cause or ValueError()):
+            raise no_space(self.path.parent, "encoding the restored video") from cause
         raise RestoreError(INTERNAL, f"video encoding failed: {reason}") from cause
 
 
