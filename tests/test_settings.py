@@ -24,6 +24,7 @@ BAD_VALUES = [  # (variable, value, what the message must say)
     ("SEEDVR_ALLOW_PRIVATE_URLS", "2", "SEEDVR_ALLOW_PRIVATE_URLS must be 1/true/yes/on"),
     ("SEEDVR_DISABLE_NVENC", "nvenc", "SEEDVR_DISABLE_NVENC must be 1/true/yes/on"),
     ("SEEDVR_TEST_MEMORY_SCALE", "-2", "SEEDVR_TEST_MEMORY_SCALE must be a positive number"),
+    ("SEEDVR_SP_STALL_S", "0", "SEEDVR_SP_STALL_S must be a positive number"),
     ("BUCKET_ENDPOINT_URL", "s3.example.com", "missing: BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY"),
 ]
 

@@ -11,7 +11,8 @@ import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -109,7 +110,7 @@ def _decoded(item: InputItem) -> Generator[np.ndarray, None, None]:
 
 
 def _source(item: InputItem, timings: dict[str, float], keep_index: int, kept: list[np.ndarray],
-            cancel: CancelToken) -> Iterator[np.ndarray]:
+            cancel: CancelToken) -> Generator[np.ndarray, None, None]:
     """The item's frames, decoded as they are asked for (the time it takes goes to timings["decode"]);
     a copy of frame `keep_index` is appended to `kept`. Stops the decoder when the job is cancelled."""
     frames = _decoded(item)
@@ -153,33 +154,34 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
         cancel.check()
         memory_plan.trim_host_memory()
 
-    restored = chunking.restore_clip(
-        restorer, _source(item, timings, middle, before, cancel), item.frame_count, size,
-        chunk_frames=plan.chunk_frames, overlap=plan.chunk_overlap, sampling=spec.sampling, timings=timings,
-        on_phase=on_phase, on_chunk=on_chunk)
-    if item.kind == "image":
-        (after,) = restored
-        progress.phase("encode")
-        started = time.perf_counter()
-        output = write_restored_image(spec.image, item, after, workdir)
-        timings["encode"] = time.perf_counter() - started
-        progress.advance(1)
-    else:
-        writer, output = video_writer(spec.video, item, workdir, size.width, size.height)
-        with writer:
-            for index, frame in enumerate(restored):
-                cancel.check()
-                if not encoding:
-                    progress.phase("encode")
-                    encoding = True
-                started = time.perf_counter()
-                writer.write(frame)
-                if index == middle:
-                    after = frame.copy()
-                timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
-                progress.advance(1)
+    with closing(_source(item, timings, middle, before, cancel)) as decoded:  # the decoder ends on every path
+        restored = chunking.restore_clip(
+            restorer, decoded, item.frame_count, size,
+            chunk_frames=plan.chunk_frames, overlap=plan.chunk_overlap, sampling=spec.sampling, timings=timings,
+            on_phase=on_phase, on_chunk=on_chunk)
+        if item.kind == "image":
+            (after,) = restored
+            progress.phase("encode")
             started = time.perf_counter()
-        timings["encode"] += time.perf_counter() - started  # flushing the encoder, muxing the audio
+            output = write_restored_image(spec.image, item, after, workdir)
+            timings["encode"] = time.perf_counter() - started
+            progress.advance(1)
+        else:
+            writer, output = video_writer(spec.video, item, workdir, size.width, size.height)
+            with writer:
+                for index, frame in enumerate(restored):
+                    cancel.check()
+                    if not encoding:
+                        progress.phase("encode")
+                        encoding = True
+                    started = time.perf_counter()
+                    writer.write(frame)
+                    if index == middle:
+                        after = frame.copy()
+                    timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
+                    progress.advance(1)
+                started = time.perf_counter()
+            timings["encode"] += time.perf_counter() - started  # flushing the encoder, muxing the audio
     assert after is not None, "the middle frame was restored"
     comparison = write_comparison(before[0], after, item.index, workdir) if spec.compare else None
     return output, comparison

@@ -19,9 +19,11 @@ that is not a common one (a GIF's 400/13) is written exactly in the track header
 but reads back from a short clip as count / span rounded to the millisecond.
 """
 
+import errno
 import io
 import itertools
 import logging
+import os
 import subprocess
 import tempfile
 from collections.abc import Generator
@@ -61,6 +63,7 @@ MAX_RATE_DENOMINATOR = 1001  # ffmpeg parses rates as num/den <= 1001000; keep t
 TIMESTAMP_SLACK_TICKS = 2  # a span measured from rounded timestamps is off by < 2 ticks
 CHROMA_HALVED = {"yuv420p", "yuv420p10le"}  # need even width and height
 ENCODE_TIMEOUT_S = 600  # waiting for ffmpeg to finish after the last frame
+ENOSPC_EXIT = 256 - errno.ENOSPC  # ffmpeg's exit status for AVERROR(ENOSPC): its output disk is full
 NO_SPACE_MESSAGE = "No space left on device"  # what ffmpeg prints (strerror(ENOSPC)) when its output disk is full
 
 
@@ -271,7 +274,8 @@ class VideoWriter:
         except (BrokenPipeError, subprocess.TimeoutExpired) as err:
             self._fail("ffmpeg did not finish the video", err)
         if returncode != 0:
-            self._fail(f"ffmpeg exited with {returncode}")
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if returncode == ENOSPC_EXIT else None
+            self._fail(f"ffmpeg exited with {returncode}", full)
         try:
             if self._video_path != self.path:
                 self._mux_audio()
@@ -325,7 +329,7 @@ class VideoWriter:
             self._video_path.unlink(missing_ok=True)
         self._stderr.close()
 
-    def _fail(self, reason: str, cause: Exception | None = None) -> NoReturn:
+    def _fail(self, reason: str, cause: BaseException | None = None) -> NoReturn:
         """Log ffmpeg's last words, remove any partial output, raise INTERNAL."""
         if isinstance(cause, FfmpegError):
             stderr = cause.stderr_tail
