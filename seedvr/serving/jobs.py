@@ -30,6 +30,7 @@ from seedvr.io.outputs import OutputFile, deliver_output, video_writer, write_co
 from seedvr.serving.answer import ItemResult, initialize_answer, restore_answer
 from seedvr.serving.cancel import CancelToken
 from seedvr.serving.model_holder import LoadedModel, ModelHolder
+from seedvr.serving.overlap import WriteBehind, read_ahead
 from seedvr.serving.progress import Progress, ProgressSink
 from seedvr.serving.schema import InitializeRequest, RestoreRequest
 from seedvr.serving.specs import RestoreSpec, model_choice, restore_spec
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+READ_AHEAD_FRAMES = 16  # decoded frames waiting for the model (host memory: 16 input frames)
+WRITE_BEHIND_FRAMES = 16  # restored frames waiting for the encoder
 MAX_WORKER_FAULT_RETRIES = 1  # an item whose worker process died or hung is retried once on a rebuilt group
 
 
@@ -154,7 +157,9 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
         cancel.check()
         memory_plan.trim_host_memory()
 
-    with closing(_source(item, timings, middle, before, cancel)) as decoded:  # the decoder ends on every path
+    # Decoding runs ahead of the model and encoding behind it, each in a thread of its own (seedvr.serving.overlap).
+    decoding = read_ahead(_source(item, timings, middle, before, cancel), READ_AHEAD_FRAMES)
+    with closing(decoding) as decoded:  # the decoder ends on every path
         restored = chunking.restore_clip(
             restorer, decoded, item.frame_count, size,
             chunk_frames=plan.chunk_frames, overlap=plan.chunk_overlap, sampling=spec.sampling, timings=timings,
@@ -168,20 +173,26 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
             progress.advance(1)
         else:
             writer, output = video_writer(spec.video, item, workdir, size.width, size.height)
-            with writer:
-                for index, frame in enumerate(restored):
-                    cancel.check()
-                    if not encoding:
-                        progress.phase("encode")
-                        encoding = True
-                    started = time.perf_counter()
-                    writer.write(frame)
-                    if index == middle:
-                        after = frame.copy()
-                    timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
-                    progress.advance(1)
+
+            def encode(frame: np.ndarray) -> None:
+                nonlocal encoding
+                if not encoding:
+                    progress.phase("encode")
+                    encoding = True
                 started = time.perf_counter()
-            timings["encode"] += time.perf_counter() - started  # flushing the encoder, muxing the audio
+                writer.write(frame)
+                timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
+                progress.advance(1)
+
+            with writer:
+                with WriteBehind(encode, WRITE_BEHIND_FRAMES) as behind:
+                    for index, frame in enumerate(restored):
+                        cancel.check()
+                        if index == middle:
+                            after = frame.copy()
+                        behind.put(frame)
+                started = time.perf_counter()
+            timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started  # flush, mux audio
     assert after is not None, "the middle frame was restored"
     comparison = write_comparison(before[0], after, item.index, workdir) if spec.compare else None
     return output, comparison
