@@ -42,6 +42,7 @@ VARIABLES = (
     "SEEDVR_ALLOW_PRIVATE_URLS",
     "SEEDVR_DISABLE_NVENC",
     "SEEDVR_SP_STALL_S",
+    "SEEDVR_COMPILE",
     "SEEDVR_TEST_MEMORY_BUDGET_BYTES",
     "SEEDVR_TEST_MEMORY_SCALE",
     *BUCKET_VARIABLES,
@@ -77,6 +78,7 @@ class Settings:
     allow_private_urls: bool  # media_url may point at private / loopback addresses
     disable_nvenc: bool
     sp_stall_s: float  # a sequence-parallel rank without progress this long is torn down
+    compile: bool  # torch.compile the DiT blocks when a request does not say
     bucket: Bucket | None
     test_memory_budget_bytes: int | None  # tests: a simulated device of this many bytes
     test_memory_scale: float  # tests: the simulated device needs this times the estimate
@@ -96,6 +98,7 @@ class Settings:
             "allow_private_urls": self.allow_private_urls,
             "disable_nvenc": self.disable_nvenc,
             "sp_stall_s": self.sp_stall_s,
+            "compile": self.compile,
             "bucket_endpoint_url": self.bucket.endpoint_url if self.bucket else None,
         }
 
@@ -185,6 +188,7 @@ def read(environ: dict[str, str]) -> Settings:
         allow_private_urls=_flag(environ, "SEEDVR_ALLOW_PRIVATE_URLS"),
         disable_nvenc=_flag(environ, "SEEDVR_DISABLE_NVENC"),
         sp_stall_s=_positive_number(environ, "SEEDVR_SP_STALL_S", DEFAULT_SP_STALL_S),
+        compile=_flag(environ, "SEEDVR_COMPILE"),
         bucket=_bucket(environ),
         test_memory_budget_bytes=(_integer(environ, "SEEDVR_TEST_MEMORY_BUDGET_BYTES", 0, 1, "a positive integer")
                                   if budget_raw else None),

@@ -86,3 +86,35 @@ def test_through_the_handler_initialize_sharp_then_restore_keeps_sharp(tiny_hand
     assert (again["model_type"], again["model_variant"]) == ("seedvr2_7b", "sharp")
     assert handler.HOLDER.current.restorer.dit is dit()  # the same weights all along
     assert tiny_handler({"id": "h", "input": {"action": "health"}})["model_variant"] == "sharp"
+
+
+@pytest.mark.slow
+def test_compile_is_warmed_up_at_load_and_gives_the_eager_frames(holder, tmp_path):
+    """torch.compile of the DiT blocks on the CPU (inductor): compiled when the model loads, with a warm-up, and
+    the same uint8 frames as eager (off by at most 1)."""
+    from fractions import Fraction
+
+    from media_factory import pattern_frames, write_video
+
+    from seedvr.io.media.video import probe_video, read_frames
+    from seedvr.serving import jobs
+    from seedvr.serving.schema import parse_request
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, pattern_frames(9, 64, 48), Fraction(25))
+    media = base64.b64encode(clip.read_bytes()).decode()
+    frames = {}
+    for compiled in (False, True):
+        request = parse_request({"action": "restore", "media": media, "res_h": 48, "res_w": 64, "crf": 0,
+                                 "compile": compiled})
+        answer = jobs.restore(request, jobs.JobContext(f"compile-{compiled}"), holder)
+        assert answer["processing_info"]["compile"] is compiled
+        out = tmp_path / f"out-{compiled}.mp4"
+        out.write_bytes(base64.b64decode(answer["media"][0]))
+        frames[compiled] = read_frames(out, probe_video(out)).astype(int)
+        if compiled:
+            assert holder.current.restorer.compiled and answer["processing_info"]["timings"]["dit"] < 30
+    assert frames[True].std() > 5 and abs(frames[True] - frames[False]).max() <= 1
+    assert holder.resolve(ModelChoice()).compile  # sticky like the other model fields
+    holder.ensure(holder.resolve(ModelChoice(compile=False)))
+    assert not holder.current.restorer.compiled

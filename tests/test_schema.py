@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTRACT_RESTORE_DEFAULTS = {
     "media_type": "auto", "res_h": 1280, "res_w": 720, "seed": 666, "cfg_scale": 1.0, "cfg_rescale": 0.0,
     "sample_steps": 1, "model_type": None, "model_variant": None, "sp_size": None, "attention_backend": None,
-    "color_fix": "wavelet",
+    "color_fix": "wavelet", "compile": None,
 }  # absent model fields: the warm model's (the contract's "normal", 1, "auto" when none is warm; test_model_holder)
 # issue 5's options, each with its default
 DELIVERY_OPTIONS = {
@@ -30,7 +30,8 @@ DELIVERY_OPTIONS = {
 # issue 4's memory options (null: the memory plan chooses)
 MEMORY_OPTIONS = {"chunk_frames": None, "chunk_overlap": None, "vae_tiling": None, "vae_tile_size": None,
                   "dit_offload": None}
-CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": None, "sp_size": None, "attention_backend": None}
+CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": None, "sp_size": None, "attention_backend": None,
+                                "compile": None}
 SP_SIZES = {"seedvr2_3b": {1, 2, 4, 5, 10, 20}, "seedvr2_7b": {1, 2, 3, 4, 6, 8, 12, 24}}
 # (field, lowest accepted, highest accepted, just below, just above)
 NUMERIC_BOUNDS = [
@@ -192,7 +193,7 @@ def test_unknown_field_suggests_the_close_one(wrong, meant):
 def test_unknown_field_without_a_close_match_lists_the_valid_fields():
     message = rejection({"action": "initialize", "zzz": 1})
     assert message == ("unknown field for action 'initialize': 'zzz'; valid fields: action, model_type, "
-                       "model_variant, sp_size, attention_backend")
+                       "model_variant, sp_size, attention_backend, compile")
 
 
 def test_restore_only_field_sent_to_initialize_says_where_it_belongs():

@@ -76,6 +76,15 @@ class Restorer(Protocol):
 
     def set_attention_backend(self, name: str) -> None: ...
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the DiT blocks run torch.compile'd (regionally, one block at a time)."""
+        ...
+
+    def set_compiled(self, enabled: bool) -> None:
+        """Compile the DiT blocks (the first call of each shape then compiles) or go back to eager."""
+        ...
+
     def restore(self, frames: Frames, *, res_h: int, res_w: int, sampling: Sampling = Sampling(),
                 eps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 timings: dict[str, float] | None = None, stages: dict[str, torch.Tensor] | None = None,

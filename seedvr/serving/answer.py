@@ -49,6 +49,7 @@ def initialize_answer(model: LoadedModel) -> dict:
         **_model_fields(model),
         "sp_size": model.sp_size,
         "attention_backend": model.restorer.attention_backend,
+        "compile": model.restorer.compiled,
         "ready": True,
         **_random_weights(model),
     }
@@ -86,6 +87,7 @@ def restore_answer(spec: RestoreSpec, model: LoadedModel, results: list[ItemResu
         "sample_steps": sampling.sample_steps,
         "sequence_parallel_size": model.sp_size,
         "attention_backend": model.restorer.attention_backend,
+        "compile": model.restorer.compiled,
         "color_fix": sampling.color_fix,
         "preset": spec.preset,
     }

@@ -14,10 +14,12 @@ defaults apply: seedvr2_3b (or the model that has the requested variant), normal
 import gc
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from seedvr import settings
@@ -48,9 +50,10 @@ class ModelSpec:
     variant: str
     sp_size: int
     attention_backend: str
+    compile: bool = False
 
     def same_weights(self, other: "ModelSpec") -> bool:
-        """Whether `other` runs on the same loaded weights (the attention backend switches in place)."""
+        """Whether `other` runs on the same loaded weights (attention backend and compile switch in place)."""
         return (self.model_type, self.variant, self.sp_size) == (other.model_type, other.variant, other.sp_size)
 
 
@@ -83,6 +86,21 @@ def open_restorer(spec: ModelSpec) -> Restorer:
     return SequenceParallelGroup(spec.model_type, spec.variant, spec.sp_size, spec.attention_backend)
 
 
+WARM_UP_FRAMES, WARM_UP_SIDE = 5, 64  # the clip that compiles the DiT blocks before the first job
+
+
+def _set_compiled(restorer: Restorer, enabled: bool) -> None:
+    """Compile (and warm up, so that no job pays for it) or go back to eager."""
+    if enabled == restorer.compiled:
+        return
+    restorer.set_compiled(enabled)
+    if enabled:
+        started = time.monotonic()
+        clip = np.random.default_rng(0).integers(0, 256, (WARM_UP_FRAMES, WARM_UP_SIDE, WARM_UP_SIDE, 3), dtype=np.uint8)
+        restorer.restore(clip, res_h=WARM_UP_SIDE, res_w=WARM_UP_SIDE)
+        log.info("compiled the DiT blocks and warmed them up in %.1f s", time.monotonic() - started)
+
+
 class ModelHolder:
     def __init__(self, opener: Callable[[ModelSpec], Restorer] = open_restorer):
         self._opener = opener
@@ -107,6 +125,7 @@ class ModelHolder:
             "dtype": str(restorer.dtype).removeprefix("torch."),
             "sp_size": model.sp_size,
             "attention_backend": restorer.attention_backend,
+            "compile": restorer.compiled,
             "random_weights": restorer.random_weights,
         }
 
@@ -121,6 +140,8 @@ class ModelHolder:
         if sp_size is None:  # the warm group's size where it splits this model too
             sp_size = warm.sp_size if warm and sp_size_problem(model_type, warm.sp_size) is None else 1
         attention = choice.attention_backend or (warm.attention_backend if warm else "auto")
+        compiled = choice.compile if choice.compile is not None else (
+            warm.compile if warm else settings.current().compile)
         problems = [problem for problem in (variant_problem(model_type, variant, why),
                                             sp_size_problem(model_type, sp_size, why)) if problem]
         try:
@@ -133,7 +154,7 @@ class ModelHolder:
                             "or less (a divisor of the heads)")
         if problems:
             raise RestoreError(INVALID_INPUT, "; ".join(problems))
-        return ModelSpec(model_type, variant, sp_size, attention)
+        return ModelSpec(model_type, variant, sp_size, attention, compiled)
 
     @staticmethod
     def _model_type(choice: ModelChoice, warm: ModelSpec | None) -> tuple[str, str]:
@@ -175,12 +196,15 @@ class ModelHolder:
             current = self._model
             if current is not None and current.spec.same_weights(spec):
                 current.restorer.set_attention_backend(spec.attention_backend)
+                _set_compiled(current.restorer, spec.compile)
                 self._model = LoadedModel(spec, current.restorer)
                 return self._model
             self._check_or_download(spec)  # fail before freeing the warm model
             self.release()
             log.info("loading %s (%s), sp_size %d", spec.model_type, spec.variant, spec.sp_size)
-            self._model = LoadedModel(spec, self._opener(spec))
+            restorer = self._opener(spec)
+            self._model = LoadedModel(spec, restorer)
+            _set_compiled(restorer, spec.compile)
             return self._model
 
     @contextmanager

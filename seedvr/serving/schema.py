@@ -293,6 +293,9 @@ class ModelOptions:
     attention_backend: str | None = option(
         None, Choice(ATTENTION_BACKENDS), "attention kernel, auto = flash when usable, else sdpa; null = the warm "
                                           "model's, else auto")
+    compile: bool | None = option(
+        None, Boolean(), "torch.compile the DiT blocks (regional, no CUDA graphs; compiled and warmed up when the "
+                         "model loads, same frames as eager); null = the warm model's, else SEEDVR_COMPILE (off)")
 
 
 @dataclass(frozen=True)

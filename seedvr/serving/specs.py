@@ -30,6 +30,7 @@ class ModelChoice:
     variant: str | None = None
     sp_size: int | None = None
     attention_backend: str | None = None
+    compile: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class RestoreSpec:
 
 
 def model_choice(request: InitializeRequest | RestoreRequest) -> ModelChoice:
-    return ModelChoice(request.model_type, request.model_variant, request.sp_size, request.attention_backend)
+    return ModelChoice(request.model_type, request.model_variant, request.sp_size, request.attention_backend,
+                       request.compile)
 
 
 def restore_spec(request: RestoreRequest) -> RestoreSpec:

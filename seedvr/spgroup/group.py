@@ -85,6 +85,7 @@ class SequenceParallelGroup:
         self.error_grace_s = error_grace_s
         self.stall_s = settings.current().sp_stall_s if stall_s is None else stall_s
         self._interrupted = False  # set by interrupt(): the job in flight was cancelled
+        self._compiled = False
         self._job_lock = threading.Lock()  # one job at a time
         self._state_lock = threading.RLock()  # guards starting and tearing down
         self._ranks: list[_Rank] = []
@@ -160,6 +161,15 @@ class SequenceParallelGroup:
             self._measurement = self.call(_measure_model)[0]
         return self._measurement
 
+    @property
+    def compiled(self) -> bool:
+        return self._compiled
+
+    def set_compiled(self, enabled: bool) -> None:
+        if enabled != self._compiled:
+            self.call(_set_compiled, enabled)
+            self._compiled = enabled
+
     def set_attention_backend(self, name: str) -> None:
         if name != self._attention_backend:
             self.call(_set_attention_backend, name)
@@ -213,7 +223,7 @@ class SequenceParallelGroup:
             context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; a fresh interpreter per rank
             self._store_dir = tempfile.mkdtemp(prefix="seedvr-sp-")
             spec = RankSpec(self.model_type, self.variant, self.sp_size, self._attention_backend, self.device_kind,
-                            str(Path(self._store_dir) / "store"), self.stall_s)
+                            str(Path(self._store_dir) / "store"), self.stall_s, self._compiled)
             for index in range(self.sp_size):
                 ours, theirs = context.Pipe()
                 process = context.Process(target=rank_main, args=(index, spec, theirs), daemon=True,
@@ -383,6 +393,10 @@ def _measure_model(context: RankContext) -> _Measurement:
 
 def _apply_plan(context: RankContext, plan: MemoryPlan) -> None:
     context.pipeline.apply_plan(plan)
+
+
+def _set_compiled(context: RankContext, enabled: bool) -> None:
+    context.pipeline.set_compiled(enabled)
 
 
 def _set_attention_backend(context: RankContext, name: str) -> None:

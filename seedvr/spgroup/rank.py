@@ -59,6 +59,7 @@ class RankSpec:
     device_kind: str  # "cuda" (NCCL, device = rank) or "cpu" (gloo)
     store_path: str  # torch.distributed FileStore of this incarnation of the group
     collective_timeout_s: float
+    compiled: bool = False  # torch.compile the DiT blocks (a rebuilt group compiles again)
 
 
 @dataclass
@@ -167,6 +168,7 @@ def _join_and_load(rank: int, spec: RankSpec) -> RankContext:
     heads = pipeline.dit.heads
     if heads % spec.size:
         raise ValueError(f"sp_size {spec.size} must divide the DiT's {heads} attention heads")
+    pipeline.set_compiled(spec.compiled)
     dist.barrier()  # every rank is loaded and every communicator is up
     return RankContext(rank, sp, pipeline)
 
