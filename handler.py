@@ -21,6 +21,7 @@ import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from seedvr import settings
+from seedvr.engine import cuda_setup
 from seedvr.errors import INTERNAL, RestoreError, is_no_space, no_space
 from seedvr.serving import fitness, jobs
 from seedvr.serving.cancel import CancelToken
@@ -31,6 +32,7 @@ from seedvr.serving.progress import runpod_sink
 from seedvr.serving.schema import InitializeRequest, Request, RestoreRequest, parse_request
 from seedvr.serving.shutdown import STOP_GRACE_S, Shutdown
 
+cuda_setup.set_allocator_defaults()  # before anything touches CUDA: expandable segments unless the user chose
 DEBUG = os.environ.get("RUNPOD_DEBUG") == "1"
 install(logging.DEBUG if DEBUG else logging.INFO)
 if DEBUG:

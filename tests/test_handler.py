@@ -123,3 +123,13 @@ def test_every_log_line_of_a_job_names_the_job(tiny_dir, tmp_path, s3_endpoint):
     ours = [line for line in result.stderr.splitlines() if " seedvr." in line]
     assert any("loading seedvr2_3b" in line for line in ours) and any("uploaded" in line for line in ours), ours
     assert all("job=local_test:" in line for line in ours), ours
+
+
+def test_the_worker_sets_expandable_segments_unless_the_user_chose():
+    probe = "import os, handler; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    chosen = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**base, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"})
+    default = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, env=base)
+    assert chosen.stdout.split()[-1] == "max_split_size_mb:512"
+    assert default.stdout.split()[-1] == "expandable_segments:True"

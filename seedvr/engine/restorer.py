@@ -54,6 +54,10 @@ def latent_shape(frames: int, height: int, width: int, spatial_factor: int, chan
 Frames = np.ndarray | torch.Tensor  # uint8 (f, H, W, 3)
 
 
+class RestoreInterrupted(RuntimeError):
+    """`interrupt()` stopped a restore in flight (the job that asked for it was cancelled)."""
+
+
 class Restorer(Protocol):
     """Restores clips with one loaded model, in one process or across a group of them."""
 
@@ -106,8 +110,9 @@ class Restorer(Protocol):
         ...
 
     def interrupt(self) -> None:
-        """From another thread: stop the work in flight as soon as possible (a cancelled job). One process
-        stops at the caller's next check between frames, chunks and phases; a group kills its ranks now."""
+        """From another thread: stop the restore in flight as soon as possible (a cancelled job); it raises
+        RestoreInterrupted at the next DiT block or VAE convolution it enters (a group: SequenceParallelError,
+        its ranks killed at once). The next restore runs normally."""
         ...
 
     def close(self) -> None: ...

@@ -22,6 +22,7 @@ import torch
 
 from seedvr import settings
 from seedvr.engine import chunking, memory_plan
+from seedvr.engine.restorer import RestoreInterrupted
 from seedvr.engine.sizing import ItemSize, item_size
 from seedvr.errors import OUT_OF_MEMORY, RestoreError, WorkerFault, is_no_space, no_space
 from seedvr.io.inputs import InputItem, gather_inputs
@@ -90,6 +91,9 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
                     return model, results
 
             done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
+        except RestoreInterrupted:
+            cancel.check()  # the interruption came from the job's cancellation: CANCELLED
+            raise
         except OSError as error:
             if not is_no_space(error):
                 raise
