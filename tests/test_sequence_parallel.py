@@ -223,6 +223,32 @@ def test_vae_context_parallel_matches(groups, references):
                 assert pieces == [plan[i] if i < len(plan) else 1 for i in slots]
 
 
+def _on_rank_vae_channels_last(context, cases):
+    """_on_rank_vae with the VAE's CUDA conv layout (channels_last_3d), in float32 on the CPU."""
+    vae = context.pipeline.vae
+    vae.memory_format = torch.channels_last_3d
+    try:
+        return [(mean, logvar, decoded) for mean, logvar, decoded, _ in _on_rank_vae(context, cases)]
+    finally:
+        vae.memory_format = torch.contiguous_format
+
+
+def test_vae_context_parallel_in_channels_last_3d_matches(groups, references):
+    """The frames a piece receives from other ranks join its conv input in the conv layout; same result."""
+    reference = references("seedvr2_3b").vae
+    cases = VAE_CASES[:2]
+    per_rank = groups("seedvr2_3b").call(_on_rank_vae_channels_last, cases)
+    for index, (frames, chunk) in enumerate(cases):
+        reference.temporal_chunk = chunk
+        with torch.inference_mode():
+            mean, logvar = reference.encode(vae_clip(frames))
+            want = (mean, logvar, reference.decode(mean))
+        for rank, results in enumerate(per_rank):
+            for name, got, expected in zip(("mean", "logvar", "decoded"), results[index], want):
+                error = (got - expected).abs().max().item()
+                assert error <= 1e-4, f"{frames} frames, chunk {chunk}, rank {rank}: {name} error {error:.2e}"
+
+
 @pytest.mark.parametrize("frames, chunk, ranks, expected", [
     (1, 4, 2, [1]),
     (5, 4, 2, [1, 4]),  # splits below the chunk so that both ranks work

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from seedvr.models.causal_conv import CausalConv3d, TemporalCache
+from seedvr.models.causal_conv import CausalConv3d, TemporalCache, join_frames
 
 if TYPE_CHECKING:
     from seedvr.distributed.comm import SequenceParallel
@@ -110,7 +110,7 @@ class ContextParallelCache(TemporalCache):
             return x  # one-frame windows: nothing crosses a piece boundary
         if self.is_first_chunk:
             head = layer.first_frame_padding(x)
-            x = x if head is None else torch.cat([head, x], dim=2)
+            x = x if head is None else join_frames([head, x], layer.memory_format)
 
         # This round's pieces as stream intervals, and the interval each piece needs before it.
         history = self._history.setdefault(layer, _ConvHistory())
@@ -120,7 +120,7 @@ class ContextParallelCache(TemporalCache):
         needs = [_frames_before(start, kt, st) if stop > start > 0 else (start, start) for start, stop in current]
 
         if any(stop > start for start, stop in needs):
-            x = torch.cat([*self._receive_head(x, history, current, needs), x], dim=2)
+            x = join_frames([*self._receive_head(x, history, current, needs), x], layer.memory_format)
 
         keep = min(kt - 1, counts[self.sp.rank])
         history.kept = x[:, :, x.size(2) - keep :].clone() if self.real else None

@@ -90,11 +90,17 @@ def describe_mismatches(mismatches: list[Mismatch], source: str) -> str:
 
 
 def load_strict(model: ModuleT, state_dict: dict[str, torch.Tensor], source: str | Path) -> ModuleT:
-    """Load every key exactly (strict, assign: parameters take the checkpoint's tensors and dtypes)."""
+    """Load every key exactly (strict, assign: parameters take the checkpoint's tensors and dtypes).
+
+    A model's own load-time checks (a ValueError from a load hook, e.g. the DiT's rope frequencies) become a
+    CheckpointError naming the file."""
     mismatches = compare_shapes(state_dict_shapes(model), state_dict_shapes(state_dict))
     if mismatches:
         raise CheckpointError(describe_mismatches(mismatches, str(source)))
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
     return model
 
 

@@ -7,9 +7,12 @@
       -> VAE decode (3, f_pad, Hc, Wc) -> first f frames -> colour fix against the input -> uint8 (f, Hc, Wc, 3)
 
 Shapes: f frames, t h w the latent grid (t = (f_pad − 1)/4 + 1, h = Hc/8, w = Wc/8), l = t·h·w tokens.
-Precision: float32 throughout on CPU. With bf16 on CUDA (the official runs): the models already hold their
-compute precision (the loader does that), the VAE works in bf16, eps/noise are drawn in bf16, the sampler
-state and x_0 stay float32, and the colour fix runs its content branch in bf16.
+Precision: float32 on CPU by default (the goldens' precision). With bf16 (the official runs on CUDA; on
+CPU too, so the dtype policy is tested without a GPU): the models already hold their compute precision (the
+loader does that: bf16 Linear layers with fp32 norms, rope and modulation, a bf16 VAE), eps/noise are drawn
+in bf16, the sampler state and x_0 stay float32, and the colour fix runs its content branch in bf16.
+On CUDA the VAE's convolutions run in channels_last_3d (seedvr.models.causal_conv.conv_memory_format) and
+cuDNN benchmarks its algorithms (seedvr.engine.cuda_setup).
 """
 
 import itertools
@@ -20,14 +23,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from seedvr.engine import diffusion, memory_plan
+from seedvr.engine import cuda_setup, diffusion, memory_plan
 from seedvr.engine.colorfix import METHODS as COLOR_FIX_METHODS
 from seedvr.engine.colorfix import color_fix as apply_color_fix
 from seedvr.engine.memory_plan import Footprint, MemoryPlan, tile_overlap
 from seedvr.engine.preprocess import pad_frames, preprocess, to_uint8
-from seedvr.engine.restorer import Frames, LatentShape, Sampling, latent_shape
+from seedvr.engine.restorer import Frames, LatentShape, RestoreInterrupted, Sampling, latent_shape
 from seedvr.models.attention import resolve_backend
 from seedvr.models.block_offload import BlockOffload
+from seedvr.models.causal_conv import conv_memory_format
 from seedvr.models.dit_base import NaDiTBase
 from seedvr.models.vae import VideoAutoencoder
 from seedvr.models.vae_tiling import SpatialTiling
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from seedvr.distributed.comm import SequenceParallel
 
 POSTPROCESS_CHUNK = 8  # frames colour-fixed and quantised at a time (bounds the temporary memory)
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # float16 convolutions and norms are CUDA-only in practice
 
 
 class SeedVR2:
@@ -45,19 +50,28 @@ class SeedVR2:
     text embeddings; the negative one is used only when cfg_scale != 1. sp: this process's place in a
     sequence-parallel group (the rank processes of seedvr.spgroup pass theirs); the DiT and the VAE then
     split their work over it. random_weights: the weights are a plumbing check (seedvr.tools.tiny).
+    Sets the VAE's conv layout for the device and its dtype, and on CUDA turns on cuDNN's benchmark.
     """
 
     def __init__(self, dit: NaDiTBase, vae: VideoAutoencoder, pos_emb: torch.Tensor, neg_emb: torch.Tensor, *,
                  device: torch.device | str, dtype: torch.dtype = torch.float32, scaling_factor: float = 0.9152,
                  shifting_factor: float = 0.0, sp: "SequenceParallel | None" = None, random_weights: bool = False):
         self._device = torch.device(device)
-        if dtype != torch.float32 and self._device.type != "cuda":
-            raise ValueError(f"{dtype} needs a CUDA device; on {self._device} the pipeline runs in float32")
+        if dtype not in CPU_DTYPES and self._device.type != "cuda":
+            raise ValueError(f"{dtype} needs a CUDA device; on {self._device} the pipeline runs in "
+                             f"{' or '.join(map(str, CPU_DTYPES))}")
         self._dtype = dtype
         self.dit = dit
         self.vae = vae
+        vae.memory_format = conv_memory_format(self._device, vae.dtype)
+        if self._device.type == "cuda":
+            cuda_setup.enable_cudnn_benchmark()
         self.sp = sp
         self._random_weights = random_weights
+        self._compiled = False
+        self._interrupted = False
+        for module in (*dit.blocks, *(m for m in vae.modules() if isinstance(m, torch.nn.Conv3d))):
+            module.register_forward_pre_hook(self._stop_if_interrupted)
         # Stored bf16 officially; the official sampler casts them to the DiT's float32 parameter dtype.
         self.pos_emb = pos_emb.to(self.device, torch.float32)
         self.neg_emb = neg_emb.to(self.device, torch.float32)
@@ -88,6 +102,20 @@ class SeedVR2:
         resolve_backend(name)  # ValueError when this machine cannot run it
         self.dit.attention_backend = name
 
+    @property
+    def compiled(self) -> bool:
+        return self._compiled
+
+    def set_compiled(self, enabled: bool) -> None:
+        """Regional torch.compile: each DiT block compiled on its own (dynamic shapes, the default mode: no CUDA
+        graphs), so a recompile is one block's, and block offload keeps working."""
+        for block in self.dit.blocks:
+            if enabled:
+                block.compile(dynamic=True)
+            else:
+                block._compiled_call_impl = None  # what nn.Module.compile set: the eager call again
+        self._compiled = enabled
+
     def latent_shape(self, frames: int, height: int, width: int) -> LatentShape:
         return latent_shape(frames, height, width, self.vae.spatial_downsample_factor, self.vae.latent_channels)
 
@@ -98,8 +126,14 @@ class SeedVR2:
         return memory_plan.resident_bytes((self.dit, self.vae), self.device)
 
     def interrupt(self) -> None:
-        """Nothing to do in one process: the job's thread stops at its next check (between frames, chunks and
-        phases); a kernel in flight cannot be stopped from outside anyway."""
+        """The restore in flight raises RestoreInterrupted at the next DiT block or VAE convolution it enters
+        (a kernel already running cannot be stopped from outside)."""
+        self._interrupted = True
+
+    def _stop_if_interrupted(self, *_: object) -> None:
+        """A forward pre-hook on every DiT block and VAE convolution."""
+        if self._interrupted:
+            raise RestoreInterrupted("the restore was interrupted")
 
     def close(self) -> None:
         """Nothing to stop in one process: the weights go when the last reference does."""
@@ -138,6 +172,7 @@ class SeedVR2:
         if sampling.color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"unknown color_fix {sampling.color_fix!r}; must be one of "
                              f"{', '.join(COLOR_FIX_METHODS)}")
+        self._interrupted = False  # an interrupt stops the restore in flight, not the next one
         timesteps = diffusion.uniform_trailing_timesteps(sampling.sample_steps, device=self.device)
         record = _StageRecorder(stages)
         phase = _PhaseTimer(self.device, timings, on_phase)

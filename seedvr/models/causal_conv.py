@@ -149,7 +149,7 @@ class CausalConv3d(nn.Conv3d):
         return frames - windows * st
 
     def _convolve(self, x: Tensor) -> Tensor:
-        x = in_layout(x, self.memory_format)  # a no-op on the model's own path; covers other callers' inputs
+        x = in_layout(x, self.memory_format)  # no copy when the layers before kept the layout (CUDA)
         ph, pw = self.space_padding
         batch, channels, frames, height, width = x.shape
         padded_bytes = batch * channels * frames * (height + 2 * ph) * (width + 2 * pw) * x.element_size()
@@ -201,7 +201,8 @@ class FrameGroupNorm(nn.GroupNorm):
         for t0 in range(0, frames, frames_per_chunk):
             chunk = x[:, :, t0 : t0 + frames_per_chunk]
             n = chunk.size(2)
-            flat = chunk.transpose(1, 2).flatten(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+            flat = chunk.transpose(1, 2).flatten(0, 1)  # (B·n, C, H, W)
+            flat = flat.to(torch.float32, memory_format=torch.contiguous_format)
             normed = F.group_norm(flat, self.num_groups, weight, bias, self.eps)
             out[:, :, t0 : t0 + n] = normed.unflatten(0, (batch, n)).transpose(1, 2)
         return out

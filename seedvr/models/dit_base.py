@@ -9,15 +9,17 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from seedvr.models.attention import resolve_backend
+from seedvr.models.attention import sdpa_plan, select_backend
 from seedvr.models.block_offload import BlockOffload
-from seedvr.models.dit_block import BlockContext, MMWindowBlock, WindowKind
+from seedvr.models.dit_block import BlockContext, MMWindowBlock, WindowKind, WindowLayout
 from seedvr.models.dit_layers import MLP_TYPES, PatchIn, PatchOut, TimeEmbedding
-from seedvr.models.rope import RopePositions
+from seedvr.models.rope import Rope3d, RopePositions
 from seedvr.models.window import WindowPacking, check_window_method, pack_windows
 
 if TYPE_CHECKING:
     from seedvr.distributed.comm import SequenceParallel
+
+ROPE_FREQS_KEY = "blocks.{index}.attn.rope.rope.freqs"  # the checkpoint's per-block rope frequencies
 
 
 def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
@@ -79,6 +81,7 @@ class NaDiTBase(nn.Module):
         # float32 attention (the goldens' `vid_sample`); on: the official rounding (`vid_sample_bf16qkv`).
         self.round_qkv_to_bf16 = False
         self.block_offload: BlockOffload | None = None  # when set, the blocks visit the device in turn
+        self.register_load_state_dict_pre_hook(_check_rope_frequencies)
 
     @property
     def heads(self) -> int:
@@ -152,21 +155,24 @@ class NaDiTBase(nn.Module):
         pt, ph, pw = self.patch_size
         grids = [(t // pt, h // ph, w // pw) for t, h, w in shapes]
         dtype = self.compute_dtype
-        resolve_backend(self.attention_backend)  # fail early on an unknown/unavailable backend
 
         # 1. Embed video patches, text and timestep
         vid = self.vid_in(vid.to(dtype), shapes)
         txt = self.txt_in(txt.to(dtype))
         emb = self.emb_in(timestep.reshape(-1).expand(len(shapes)), dtype).unflatten(-1, (-1, 2, 3))  # [B, D, 2, 3]
 
-        # 2. Windows and rope positions, once per window kind
+        # 2. Windows, rope tables and the attention grouping, once per window kind: the blocks only read them
         vid_lengths = [math.prod(grid) for grid in grids]
-        windows: dict[WindowKind, tuple[WindowPacking, RopePositions]] = {}
+        backend = select_backend(self.attention_backend, vid.device, dtype)
+        rope = cast(Rope3d, blocks[0].attn.rope)  # every block's frequencies are equal (_check_rope_frequencies)
+        local_heads = heads if sp is None else heads // sp.size  # attention sees this rank's heads
+        windows: dict[WindowKind, WindowLayout] = {}
         for kind in dict.fromkeys(block.window_kind for block in blocks):
             packing = pack_windows(*kind, grids, txt_lengths, device=vid.device)
-            windows[kind] = (packing, self.rope_positions(packing, vid_lengths))
-        ctx = BlockContext(vid_lengths, txt_lengths, windows, self.attention_backend,
-                           round_qkv_to_bf16=self.round_qkv_to_bf16)
+            tables = rope.tables(self.rope_positions(packing, vid_lengths))
+            plan = sdpa_plan(packing.seqlens, local_heads, vid.device) if backend == "sdpa" else None
+            windows[kind] = WindowLayout(packing, tables, plan)
+        ctx = BlockContext(vid_lengths, txt_lengths, windows, backend, round_qkv_to_bf16=self.round_qkv_to_bf16)
         if sp is not None:  # from here on, this rank's rows of both streams (zero-padded to a multiple of sp)
             shards = sp.shard_tokens(vid.shape[0]), sp.shard_tokens(txt.shape[0])
             vid, txt = shards[0].local(vid), shards[1].local(txt)
@@ -206,3 +212,16 @@ class NaDiTBase(nn.Module):
         if timestep.numel() not in (1, len(shapes)) or timestep.dim() > 1:
             raise ValueError(f"timestep must be a scalar or [B={len(shapes)}]; got {tuple(timestep.shape)}")
         return shapes, txt_lengths
+
+
+def _check_rope_frequencies(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    """Load-time check that every block's rope frequencies are equal: the forward builds its rope tables once,
+    from the first block's. The official checkpoints hold the same deterministic values in every block."""
+    blocks = cast(NaDiTBase, module).blocks
+    keys = [prefix + ROPE_FREQS_KEY.format(index=index) for index in range(len(blocks))]
+    present = [(key, state_dict[key]) for key in keys if key in state_dict and not state_dict[key].is_meta]
+    for key, freqs in present[1:]:
+        first_key, first = present[0]
+        if freqs.shape != first.shape or not torch.equal(freqs.to(first.device, first.dtype), first):
+            raise ValueError(f"{key} differs from {first_key}: this DiT needs the same rope frequencies in every "
+                             f"block (it computes its rope tables once per forward)")

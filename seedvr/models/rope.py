@@ -10,8 +10,10 @@ the result is cast back to the input dtype.
 - 7B pixel rope: n = (head_dim // 2 // 3) // 2 frequencies pi * linspace(1, 128, n); video only, each
   window axis of extent e mapped to linspace(-1, 1, e).
 
-The frequencies are the checkpoint's persistent fp32 buffer `...attn.rope.rope.freqs`; angles are
-computed on the fly (the official code tabulates 1024x128x128 positions, about 8 GiB).
+The frequencies are the checkpoint's persistent fp32 buffer `...attn.rope.rope.freqs`, equal in every block
+(deterministic functions of the config; the DiT checks it when loading). The cos/sin tables of a forward's
+tokens are therefore built once per window kind (`RopeTables`, from the first block's rope) and every block
+only rotates with them; the official code tabulates 1024x128x128 positions instead, about 8 GiB.
 """
 
 import math
@@ -68,6 +70,14 @@ def cos_sin(positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor,
     return angles.cos(), angles.sin()
 
 
+@dataclass
+class RopeTables:
+    """Float32 cos/sin [N, 1, 3n] of the rotated tokens of one forward and window kind, shared by its blocks."""
+
+    vid: tuple[torch.Tensor, torch.Tensor]  # video tokens [L, 1, 3n] each
+    txt: tuple[torch.Tensor, torch.Tensor] | None  # text tokens [l, 1, 3n] each, or None when text is not rotated
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs of the first 2 * cos.shape[-1] channels of x [N, H, d], in float32."""
     rotated = 2 * cos.shape[-1]
@@ -86,8 +96,28 @@ class RopeFrequencies(nn.Module):
         self.register_buffer("freqs", freqs.float(), persistent=True)
 
 
-class MMRope3d(nn.Module):
-    """3B rope: rotates video and text q/k."""
+class Rope3d(nn.Module):
+    """Rotates video q/k, and text q/k when the tables have text, with tables built once per forward."""
+
+    rope: RopeFrequencies
+
+    def tables(self, positions: RopePositions) -> RopeTables:
+        """cos/sin of every rotated token at `positions`, on their device (the frequencies follow them there:
+        with block offload they may still be in host memory)."""
+        freqs = self.rope.freqs.to(positions.vid.device)
+        txt = None if positions.txt is None else cos_sin(positions.txt, freqs)
+        return RopeTables(vid=cos_sin(positions.vid, freqs), txt=txt)
+
+    def forward(self, vid_q: torch.Tensor, vid_k: torch.Tensor, txt_q: torch.Tensor, txt_k: torch.Tensor,
+                tables: RopeTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        vid_q, vid_k = rotate(vid_q, *tables.vid), rotate(vid_k, *tables.vid)
+        if tables.txt is not None:
+            txt_q, txt_k = rotate(txt_q, *tables.txt), rotate(txt_k, *tables.txt)
+        return vid_q, vid_k, txt_q, txt_k
+
+
+class MMRope3d(Rope3d):
+    """3B rope: rotates video and text q/k (mmrope_positions gives both)."""
 
     def __init__(self, head_dim: int, rope_dim: int):
         super().__init__()
@@ -96,23 +126,10 @@ class MMRope3d(nn.Module):
             raise ValueError(f"rope_dim {rope_dim} rotates {6 * len(freqs)} channels, more than head_dim {head_dim}")
         self.rope = RopeFrequencies(freqs)
 
-    def forward(self, vid_q: torch.Tensor, vid_k: torch.Tensor, txt_q: torch.Tensor, txt_k: torch.Tensor,
-                positions: RopePositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        assert positions.txt is not None  # mmrope_positions always rotates text
-        vid_cos, vid_sin = cos_sin(positions.vid, self.rope.freqs)
-        txt_cos, txt_sin = cos_sin(positions.txt, self.rope.freqs)
-        return (rotate(vid_q, vid_cos, vid_sin), rotate(vid_k, vid_cos, vid_sin),
-                rotate(txt_q, txt_cos, txt_sin), rotate(txt_k, txt_cos, txt_sin))
 
-
-class PixelRope3d(nn.Module):
-    """7B rope: rotates video q/k only."""
+class PixelRope3d(Rope3d):
+    """7B rope: rotates video q/k only (pixel_positions gives no text positions)."""
 
     def __init__(self, head_dim: int):
         super().__init__()
         self.rope = RopeFrequencies(pixel_frequencies(head_dim // 2 // 3))
-
-    def forward(self, vid_q: torch.Tensor, vid_k: torch.Tensor, txt_q: torch.Tensor, txt_k: torch.Tensor,
-                positions: RopePositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cos, sin = cos_sin(positions.vid, self.rope.freqs)
-        return rotate(vid_q, cos, sin), rotate(vid_k, cos, sin), txt_q, txt_k

@@ -8,6 +8,10 @@ Long clips are processed in temporal chunks (`temporal_chunk` frames each after
 the first 1 + `temporal_chunk`), with every causal conv carrying the frames it
 still needs to the next chunk, so the result equals a single pass over the clip.
 Posterior sampling and latent scaling belong to the pipeline, not to this module.
+
+`memory_format` is the layout policy of the convolutions (seedvr.models.causal_conv.conv_memory_format):
+contiguous NCDHW by default, channels_last_3d for half precision on CUDA. Inputs and outputs of
+`encode`/`decode` are contiguous NCDHW either way.
 """
 
 import re
@@ -17,8 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from seedvr.models.causal_conv import CausalConv3d, TemporalCache
-from seedvr.models.vae_blocks import Decoder3D, Encoder3D
+from seedvr.models.causal_conv import CausalConv3d, TemporalCache, check_conv_memory_format, in_layout
+from seedvr.models.vae_blocks import Decoder3D, Encoder3D, Upsample3D
 from seedvr.models.vae_tiling import SpatialTiling
 
 if TYPE_CHECKING:
@@ -95,6 +99,7 @@ class VideoAutoencoder(nn.Module):
         self.temporal_chunk: int | None = slicing_sample_min_size
         # Opt-in spatial tiles (approximate, seedvr.models.vae_tiling); None: whole frames (exact).
         self.tiling: SpatialTiling | None = None
+        self._memory_format = torch.contiguous_format
 
         blocks: dict[str, Any] = dict(
             block_out_channels=list(block_out_channels),
@@ -125,6 +130,30 @@ class VideoAutoencoder(nn.Module):
             if isinstance(module, CausalConv3d):
                 module.max_input_bytes = value
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Layout of every conv weight and conv input: contiguous_format or channels_last_3d."""
+        return self._memory_format
+
+    @memory_format.setter
+    def memory_format(self, value: torch.memory_format) -> None:
+        """Convert the conv weights now and make every layer keep its conv inputs in `value`. Set it after
+        loading weights (an assigning load takes the checkpoint's layout)."""
+        self._memory_format = check_conv_memory_format(value)
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(memory_format=value)
+            if isinstance(module, (CausalConv3d, Upsample3D)):
+                module.memory_format = value
+
+    def _in(self, x: Tensor) -> Tensor:
+        """A chunk entering the encoder or decoder, in the conv layout."""
+        return in_layout(x, self._memory_format)
+
+    def _out(self, x: Tensor) -> Tensor:
+        """A chunk's result back in NCDHW, the layout the pipeline draws its noise like (and SP gathers)."""
+        return x if self._memory_format == torch.contiguous_format else x.contiguous()
+
     def encode(self, x: Tensor, sp: "SequenceParallel | None" = None) -> tuple[Tensor, Tensor]:
         """Video (B, C, T, H, W), T = 4k + 1 -> mean, logvar (B, 16, k + 1, H/8, W/8), logvar clamped.
 
@@ -141,8 +170,8 @@ class VideoAutoencoder(nn.Module):
             raise ValueError(f"encode needs H and W divisible by {sdf}, got {height}x{width}")
 
         def encode_chunk(chunk: Tensor, cache: TemporalCache | None) -> Tensor:
-            h = self.encoder(chunk, cache)
-            return h if self.quant_conv is None else self.quant_conv(h, cache)
+            h = self.encoder(self._in(chunk), cache)
+            return self._out(h if self.quant_conv is None else self.quant_conv(h, cache))
 
         def encode_frames(video: Tensor) -> Tensor:
             return _run_chunked(encode_chunk, video, self._temporal_chunk(), unit=tdf, sp=sp)
@@ -158,9 +187,10 @@ class VideoAutoencoder(nn.Module):
             raise ValueError(f"decode expects a (B, C, T', h, w) latent, got shape {tuple(z.shape)}")
 
         def decode_chunk(chunk: Tensor, cache: TemporalCache | None) -> Tensor:
+            chunk = self._in(chunk)
             if self.post_quant_conv is not None:
                 chunk = self.post_quant_conv(chunk, cache)
-            return self.decoder(chunk, cache)
+            return self._out(self.decoder(chunk, cache))
 
         chunk = self._temporal_chunk()
         latent_chunk = None if chunk is None else chunk // self.temporal_downsample_factor

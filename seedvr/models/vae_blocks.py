@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
-from seedvr.models.causal_conv import CausalConv3d, FrameGroupNorm, TemporalCache
+from seedvr.models.causal_conv import CausalConv3d, FrameGroupNorm, TemporalCache, in_layout, join_frames
 
 NORM_EPS = 1e-6
 
@@ -56,6 +56,7 @@ class Upsample3D(nn.Module):
     (t·z_count + z, h·2 + x, w·2 + y) of channel c. In time, latent frame 0 stands
     alone ("remove head"): of its two copies only the first is kept, so a clip of
     T' latent frames becomes 2T' - 1 frames. Continuation chunks keep both copies.
+    The depth-to-space copy writes its output in `memory_format` (the VAE's policy).
     """
 
     def __init__(self, channels: int, temporal: bool):
@@ -64,15 +65,21 @@ class Upsample3D(nn.Module):
         self.time_ratio = 2 if temporal else 1
         self.upscale_conv = nn.Conv3d(channels, channels * 4 * self.time_ratio, kernel_size=1)
         self.conv = CausalConv3d(channels, channels, 3, padding=1)
+        self.memory_format = torch.contiguous_format
 
     def forward(self, x: Tensor, cache: TemporalCache | None = None) -> Tensor:
         batch, _, frames, height, width = x.shape
-        x = self.upscale_conv(x)  # (B, 2·2·z·C, T, H, W)
-        x = x.unflatten(1, (2, 2, self.time_ratio, self.channels))  # (B, 2x, 2y, z, C, T, H, W)
-        x = x.permute(0, 4, 5, 3, 6, 1, 7, 2)  # (B, C, T, z, H, 2x, W, 2y)
-        x = x.reshape(batch, self.channels, frames * self.time_ratio, height * 2, width * 2)
+        x = self.upscale_conv(in_layout(x, self.memory_format))  # (B, 2·2·z·C, T, H, W)
+        if self.memory_format == torch.channels_last_3d:
+            x = x.permute(0, 2, 3, 4, 1).unflatten(-1, (2, 2, self.time_ratio, self.channels))  # (B, T, H, W, 2x, 2y, z, C)
+            x = x.permute(0, 1, 6, 2, 4, 3, 5, 7)  # (B, T, z, H, 2x, W, 2y, C)
+            x = x.reshape(batch, frames * self.time_ratio, height * 2, width * 2, self.channels).permute(0, 4, 1, 2, 3)
+        else:
+            x = x.unflatten(1, (2, 2, self.time_ratio, self.channels))  # (B, 2x, 2y, z, C, T, H, W)
+            x = x.permute(0, 4, 5, 3, 6, 1, 7, 2)  # (B, C, T, z, H, 2x, W, 2y)
+            x = x.reshape(batch, self.channels, frames * self.time_ratio, height * 2, width * 2)
         if self.time_ratio > 1 and (cache is None or cache.is_first_chunk):
-            x = torch.cat([x[:, :, :1], x[:, :, 2:]], dim=2)
+            x = join_frames([x[:, :, :1], x[:, :, 2:]], self.memory_format)
         return self.conv(x, cache)
 
 

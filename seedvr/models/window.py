@@ -114,6 +114,7 @@ class WindowPacking:
     txt_copies: list[int]  # per sample, windows n_b = copies of each of its text tokens
     txt_lengths: list[int]  # per sample, l_b
     cu_seqlens: torch.Tensor  # [n_windows + 1] int32, prefix sums of the sequence lengths
+    seqlens: list[int]  # the sequence lengths, on the host (no device sync to read them)
     max_seqlen: int
     local_coords: torch.Tensor  # [L, 3] int64, window-local (t, h, w) of every video token
     window_extent: torch.Tensor  # [L, 3] int64, (t, h, w) extent of every video token's window
@@ -188,6 +189,7 @@ def pack_windows(method: str, num_windows: tuple[int, int, int], grids: list[Gri
         txt_copies=[len(sample) for sample in windows],
         txt_lengths=list(txt_lengths),
         cu_seqlens=cu_seqlens.to(device),
+        seqlens=all_seqlens.tolist(),
         max_seqlen=int(all_seqlens.max()),
         local_coords=torch.cat(local).to(device),
         window_extent=torch.cat(extent).to(device),
