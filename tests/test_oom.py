@@ -10,8 +10,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from media_factory import pattern_frames, write_video
+from torch._subclasses.fake_tensor import FakeTensor
 
 import handler as worker
 from seedvr.engine import memory_plan
