@@ -144,3 +144,58 @@ def test_cudnn_benchmark_is_switched_on(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     cuda_setup.enable_cudnn_benchmark()
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_large_upscale_conv_is_computed_in_exact_pieces(monkeypatch):
+    from seedvr.models import causal_conv
+    from seedvr.models.vae_blocks import Upsample3D
+
+    torch.manual_seed(0)
+    upsample = Upsample3D(4, temporal=True).eval()
+    x = torch.randn(1, 4, 3, 8, 6)
+    with torch.no_grad():
+        whole = upsample(x)
+        calls = []
+        real = torch.nn.Conv3d.forward
+        monkeypatch.setattr(torch.nn.Conv3d, "forward", lambda self, *a: calls.append(self) or real(self, *a))
+        upsample.max_output_bytes = 4 * 32 * 3 * 6  # a few rows of the upscale conv's output per piece
+        pieces = upsample(x)
+        assert sum(call is upsample.upscale_conv for call in calls) == 8  # one piece per row
+        calls.clear()
+        upsample.max_output_bytes = causal_conv.GIB
+        monkeypatch.setattr(causal_conv, "MAX_CONV_ELEMENTS", 1000)  # the 2**31 bound, scaled down
+        bounded = upsample(x)
+        assert sum(call is upsample.upscale_conv for call in calls) > 1
+    assert torch.equal(whole, pieces) and torch.equal(whole, bounded)
+
+
+def test_a_conv_whose_output_would_pass_the_element_bound_is_split_exactly(monkeypatch):
+    from seedvr.models import causal_conv
+    from seedvr.models.causal_conv import CausalConv3d
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(3, 8, 3, padding=1).eval()
+    x = torch.randn(1, 3, 5, 16, 12)
+    with torch.no_grad():
+        whole = conv(x)
+        seen = []
+        real = torch.nn.functional.conv3d
+        monkeypatch.setattr(causal_conv.F, "conv3d", lambda *a, **k: seen.append(1) or real(*a, **k))
+        monkeypatch.setattr(causal_conv, "MAX_CONV_ELEMENTS", whole.numel() // 4)
+        split = conv(x)
+    assert len(seen) >= 4 and torch.equal(whole, split)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_norm_with_its_silu_gives_exactly_silu_of_the_norm(dtype):
+    from seedvr.models.causal_conv import FrameGroupNorm
+
+    torch.manual_seed(0)
+    plain = FrameGroupNorm(4, 16, eps=1e-6)
+    fused = FrameGroupNorm(4, 16, eps=1e-6, silu=True)
+    with torch.no_grad():
+        plain.weight.copy_(1 + 0.1 * torch.randn(16))
+        plain.bias.copy_(0.1 * torch.randn(16))
+        fused.load_state_dict(plain.state_dict())
+        x = torch.randn(1, 16, 3, 8, 8).to(dtype)
+        assert torch.equal(fused.to(dtype)(x), torch.nn.functional.silu(plain.to(dtype)(x)))

@@ -31,7 +31,7 @@ from seedvr.engine.preprocess import pad_frames, preprocess, to_uint8
 from seedvr.engine.restorer import Frames, LatentShape, RestoreInterrupted, Sampling, latent_shape
 from seedvr.models.attention import resolve_backend
 from seedvr.models.block_offload import BlockOffload
-from seedvr.models.causal_conv import conv_memory_format
+from seedvr.models.causal_conv import FrameGroupNorm, conv_memory_format
 from seedvr.models.dit_base import NaDiTBase
 from seedvr.models.vae import VideoAutoencoder
 from seedvr.models.vae_tiling import SpatialTiling
@@ -107,13 +107,15 @@ class SeedVR2:
         return self._compiled
 
     def set_compiled(self, enabled: bool) -> None:
-        """Regional torch.compile: each DiT block compiled on its own (dynamic shapes, the default mode: no CUDA
-        graphs), so a recompile is one block's, and block offload keeps working."""
-        for block in self.dit.blocks:
+        """Regional torch.compile: each DiT block, and each VAE norm with its SiLU, compiled on its own (dynamic
+        shapes, the default mode: no CUDA graphs), so a recompile is one region's, and block offload keeps
+        working."""
+        norms = [module for module in self.vae.modules() if isinstance(module, FrameGroupNorm)]
+        for region in (*self.dit.blocks, *norms):
             if enabled:
-                block.compile(dynamic=True)
+                region.compile(dynamic=True)
             else:
-                block._compiled_call_impl = None  # what nn.Module.compile set: the eager call again
+                region._compiled_call_impl = None  # what nn.Module.compile set: the eager call again
         self._compiled = enabled
 
     def latent_shape(self, frames: int, height: int, width: int) -> LatentShape:

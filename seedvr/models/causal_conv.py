@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GIB = 1024**3
+# cuDNN (and PyTorch's own kernels) index a conv's tensors with 32-bit integers: a larger output is refused or
+# sent to a slow fallback, so it is computed in pieces like an input over max_input_bytes.
+MAX_CONV_ELEMENTS = 2**31 - 1
 
 # fp32 working set of one per-frame GroupNorm call; larger inputs are normalised
 # a few frames at a time (exact: statistics never cross frames).
@@ -110,8 +113,9 @@ class CausalConv3d(nn.Conv3d):
 
     `padding` is `(pt, ph, pw)` (or one int): `2·pt` copies of the first frame
     are prepended, `ph`/`pw` zero rows/columns are added on both sides. Inputs
-    whose padded size exceeds `max_input_bytes` are convolved in pieces along H,
-    each with the halo rows its kernel needs (exact).
+    whose padded size exceeds `max_input_bytes`, or whose output would exceed
+    MAX_CONV_ELEMENTS, are convolved in pieces along H, each with the halo rows
+    its kernel needs (exact).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
@@ -155,7 +159,11 @@ class CausalConv3d(nn.Conv3d):
         padded_bytes = batch * channels * frames * (height + 2 * ph) * (width + 2 * pw) * x.element_size()
         kh, sh = self.kernel_size[1], self.stride[1]
         rows_out = (height + 2 * ph - kh) // sh + 1
-        pieces = min(rows_out, math.ceil(padded_bytes / self.max_input_bytes))
+        frames_out = (frames - self.kernel_size[0]) // self.stride[0] + 1
+        width_out = (width + 2 * pw - self.kernel_size[2]) // self.stride[2] + 1
+        out_elements = batch * self.out_channels * frames_out * rows_out * width_out
+        pieces = min(rows_out, max(math.ceil(padded_bytes / self.max_input_bytes),
+                                   math.ceil(out_elements / MAX_CONV_ELEMENTS)))
         if pieces <= 1:
             return F.conv3d(x, self.weight, self.bias, self.stride, (0, ph, pw))
 
@@ -175,6 +183,22 @@ class CausalConv3d(nn.Conv3d):
         return out
 
 
+def pointwise_conv(conv: nn.Conv3d, x: Tensor, max_bytes: int, memory_format: torch.memory_format) -> Tensor:
+    """A 1x1x1 conv in pieces along H when its output exceeds `max_bytes` or MAX_CONV_ELEMENTS (exact: each
+    output pixel depends on its own input pixel only)."""
+    batch, _, frames, height, width = x.shape
+    out_elements = batch * conv.out_channels * frames * height * width
+    pieces = min(height, max(math.ceil(out_elements * x.element_size() / max_bytes),
+                             math.ceil(out_elements / MAX_CONV_ELEMENTS)))
+    if pieces <= 1:
+        return conv(x)
+    out = torch.empty((batch, conv.out_channels, frames, height, width), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format)
+    for first, last in _even_ranges(height, pieces):
+        out[:, :, :, first:last] = conv(in_layout(x[:, :, :, first:last], memory_format))  # rows of it: a copy
+    return out
+
+
 def _even_ranges(total: int, pieces: int) -> list[tuple[int, int]]:
     """Split range(total) into `pieces` contiguous [first, last) ranges of near-equal size."""
     bounds = [total * i // pieces for i in range(pieces + 1)]
@@ -189,7 +213,17 @@ class FrameGroupNorm(nn.GroupNorm):
     in the input's memory layout. The float32 copy of each chunk is made NCHW in
     the same pass as the cast: group_norm wants that layout (CUDA copies any
     other; on CPU the values are the same either way).
+
+    `silu`: the activation that follows every norm but the attention's, applied to
+    each chunk as it is written (the same values as `F.silu` on the whole output:
+    the norm is rounded to the input dtype first, as the official norm wrapper
+    does, and silu then computes as it would on that tensor), so no second
+    full-size activation is allocated, and torch.compile can fuse the two.
     """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False) -> None:
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.silu = silu
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, frames, height, width = x.shape
@@ -204,5 +238,6 @@ class FrameGroupNorm(nn.GroupNorm):
             flat = chunk.transpose(1, 2).flatten(0, 1)  # (B·n, C, H, W)
             flat = flat.to(torch.float32, memory_format=torch.contiguous_format)
             normed = F.group_norm(flat, self.num_groups, weight, bias, self.eps)
-            out[:, :, t0 : t0 + n] = normed.unflatten(0, (batch, n)).transpose(1, 2)
+            part = normed.unflatten(0, (batch, n)).transpose(1, 2).to(x.dtype)
+            out[:, :, t0 : t0 + n] = F.silu(part) if self.silu else part
         return out

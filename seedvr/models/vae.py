@@ -129,6 +129,8 @@ class VideoAutoencoder(nn.Module):
         for module in self.modules():
             if isinstance(module, CausalConv3d):
                 module.max_input_bytes = value
+            elif isinstance(module, Upsample3D):
+                module.max_output_bytes = value
 
     @property
     def memory_format(self) -> torch.memory_format:

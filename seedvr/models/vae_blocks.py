@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
-from seedvr.models.causal_conv import CausalConv3d, FrameGroupNorm, TemporalCache, in_layout, join_frames
+from seedvr.models.causal_conv import CausalConv3d, FrameGroupNorm, TemporalCache, in_layout, join_frames, pointwise_conv
 
 NORM_EPS = 1e-6
 
@@ -22,15 +22,15 @@ class ResnetBlock3D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.norm1 = FrameGroupNorm(groups, in_channels, eps=NORM_EPS)
+        self.norm1 = FrameGroupNorm(groups, in_channels, eps=NORM_EPS, silu=True)
         self.conv1 = CausalConv3d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = FrameGroupNorm(groups, out_channels, eps=NORM_EPS)
+        self.norm2 = FrameGroupNorm(groups, out_channels, eps=NORM_EPS, silu=True)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, cache: TemporalCache | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)), cache)
-        h = self.conv2(F.silu(self.norm2(h)), cache)
+        h = self.conv1(self.norm1(x), cache)  # norms with their SiLU: conv1(SiLU(GN1(x)))
+        h = self.conv2(self.norm2(h), cache)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x, cache)
         return x + h
@@ -66,10 +66,12 @@ class Upsample3D(nn.Module):
         self.upscale_conv = nn.Conv3d(channels, channels * 4 * self.time_ratio, kernel_size=1)
         self.conv = CausalConv3d(channels, channels, 3, padding=1)
         self.memory_format = torch.contiguous_format
+        self.max_output_bytes = self.conv.max_input_bytes  # the upscale conv's output per piece (the VAE sets it)
 
     def forward(self, x: Tensor, cache: TemporalCache | None = None) -> Tensor:
         batch, _, frames, height, width = x.shape
-        x = self.upscale_conv(in_layout(x, self.memory_format))  # (B, 2·2·z·C, T, H, W)
+        x = pointwise_conv(self.upscale_conv, in_layout(x, self.memory_format), self.max_output_bytes,
+                           self.memory_format)  # (B, 2·2·z·C, T, H, W), in pieces along H when large
         if self.memory_format == torch.channels_last_3d:
             x = x.permute(0, 2, 3, 4, 1).unflatten(-1, (2, 2, self.time_ratio, self.channels))  # (B, T, H, W, 2x, 2y, z, C)
             x = x.permute(0, 1, 6, 2, 4, 3, 5, 7)  # (B, T, z, H, 2x, W, 2y, C)
@@ -187,7 +189,7 @@ class Encoder3D(nn.Module):
             for i in range(n)
         )
         self.mid_block = MidBlock3D(block_out_channels[-1], groups)
-        self.conv_norm_out = FrameGroupNorm(groups, block_out_channels[-1], eps=NORM_EPS)
+        self.conv_norm_out = FrameGroupNorm(groups, block_out_channels[-1], eps=NORM_EPS, silu=True)
         self.conv_out = CausalConv3d(block_out_channels[-1], out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, cache: TemporalCache | None = None) -> Tensor:
@@ -195,7 +197,7 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        return self.conv_out(F.silu(self.conv_norm_out(x)), cache)
+        return self.conv_out(self.conv_norm_out(x), cache)  # GN -> SiLU -> conv_out
 
 
 class Decoder3D(nn.Module):
@@ -230,7 +232,7 @@ class Decoder3D(nn.Module):
             )
             for i in range(n)
         )
-        self.conv_norm_out = FrameGroupNorm(groups, channels[-1], eps=NORM_EPS)
+        self.conv_norm_out = FrameGroupNorm(groups, channels[-1], eps=NORM_EPS, silu=True)
         self.conv_out = CausalConv3d(channels[-1], out_channels, 3, padding=1)
 
     def forward(self, z: Tensor, cache: TemporalCache | None = None) -> Tensor:
@@ -238,4 +240,4 @@ class Decoder3D(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache)
-        return self.conv_out(F.silu(self.conv_norm_out(x)), cache)
+        return self.conv_out(self.conv_norm_out(x), cache)  # GN -> SiLU -> conv_out
