@@ -242,3 +242,19 @@ def test_a_cancelled_job_stops_its_work_and_leaves_nothing(holder, tmp_path, mon
                            "res_w": 64, "sp_size": sp_size})
     assert isinstance(again, RestoreRequest)
     assert jobs.restore(again, jobs.JobContext("after"), holder)["success"]
+
+
+def test_a_dead_rank_is_seen_even_when_something_else_reaps_children(holder, clip_b64):
+    """With SIGCHLD ignored (some library in the process did that during the full suite), the kernel reaps the
+    killed rank itself and multiprocessing's is_alive() keeps answering True: the group asks the system."""
+    restore(holder, clip_b64)
+    pids = rank_pids(holder)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        os.kill(pids[1], signal.SIGKILL)
+        while running(pids[1]):
+            time.sleep(0.01)
+        answer = restore(holder, clip_b64)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert answer["success"] and answer["processing_info"]["retries"] == []

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import psutil
 import torch
 
 from seedvr import settings
@@ -181,7 +182,7 @@ class SequenceParallelGroup:
 
     def alive(self) -> bool:
         with self._state_lock:
-            return not self._closed and bool(self._ranks) and all(r.process.is_alive() for r in self._ranks)
+            return not self._closed and bool(self._ranks) and all(_running(r) for r in self._ranks)
 
     @property
     def pids(self) -> list[int]:
@@ -356,6 +357,17 @@ class SequenceParallelGroup:
             if self._store_dir is not None:
                 shutil.rmtree(self._store_dir, ignore_errors=True)
                 self._store_dir = None
+
+
+def _running(rank: _Rank) -> bool:
+    """Whether a rank's process runs. Asked of the system too: `is_alive()` alone says True for a child that
+    something else reaped (its waitpid then fails), and a zombie has exited."""
+    if not rank.process.is_alive() or rank.process.pid is None:
+        return False
+    try:
+        return psutil.Process(rank.process.pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _gone(rank: _Rank) -> str:
