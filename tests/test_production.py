@@ -31,7 +31,6 @@ SIGTERM stops the running job as RunPod's own stop does: its task is cancelled, 
 import base64
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -425,26 +424,3 @@ def test_sigterm_during_a_job_exits_cleanly(production: tuple[JobApi, "Worker"],
     assert not survivors, f"children left running after the worker exited: {survivors}"
     assert "job-long" not in api.results, f"a job stopped by SIGTERM is never answered: {api.results['job-long']}"
     assert not job_folders(job_tmp), job_folders(job_tmp)
-
-
-def test_long_job_really_is_long(tiny_dir: Path, tmp_path: Path) -> None:
-    """Calibration, skipped unless MEASURE_LONG_JOB=1: the long job unstopped, with its timings."""
-    if os.environ.get("MEASURE_LONG_JOB") != "1":
-        pytest.skip("set MEASURE_LONG_JOB=1 to measure the long job unstopped")
-    api = JobApi()
-    env = {name: value for name, value in tiny_environment(tiny_dir, tmp_path).items()
-           if not name.startswith("RUNPOD_")}
-    worker = Worker({**env, **api.environment()}, tmp_path / "worker.log")
-    try:
-        assert api.wait(lambda: api.takes > 0, START_TIMEOUT_S, worker), worker.tail()
-        api.queue("job-long", long_restore_input(tmp_path))
-        assert api.wait(lambda: "job-long" in api.results, 550.0, worker), worker.tail()
-        took = api.results["job-long"][0] - api.taken["job-long"]
-        body = api.results["job-long"][1]
-        timeline = [(round(when - api.taken["job-long"], 1), update["phase"]) for when, update in api.progress["job-long"]]
-        timings = body["output"]["processing_info"]["timings"] if "output" in body else body
-        print(f"\nlong job unstopped: {took:.1f} s; phases (s after the take) {timeline}; timings or answer {timings}")
-        assert took > 2 * STOP_ANSWER_S
-    finally:
-        worker.kill()
-        api.close()
