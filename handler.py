@@ -78,15 +78,11 @@ def serve(job: dict, cancel: CancelToken | None = None) -> dict:
         except settings.SettingsError as error:
             log.error("job failed on a setting: %s", error)
             return {"error": f"{INTERNAL}: the worker is misconfigured: {error}"}
-        except OSError as error:
-            if not is_no_space(error):
-                log.exception("job failed with an unexpected error")
-                return {"error": f"{INTERNAL}: the worker hit an unexpected error; details are in the worker log "
-                                 f"(job {job_id})"}
-            answer = no_space(Path(tempfile.gettempdir()), "the job's files did not fit")
-            log.warning("job failed: %s", answer)
-            return {"error": str(answer)}
-        except Exception:
+        except Exception as error:
+            if is_no_space(error):  # ENOSPC anywhere in the job: its files are gone, say which disk is full
+                full = no_space(Path(tempfile.gettempdir()), "the job's files did not fit")
+                log.warning("job failed: %s", full)
+                return {"error": str(full)}
             log.exception("job failed with an unexpected error")
             return {"error": f"{INTERNAL}: the worker hit an unexpected error; details are in the worker log "
                              f"(job {job_id})"}

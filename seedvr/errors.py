@@ -69,9 +69,9 @@ def excerpt(value: object, limit: int = 40) -> str:
     return repr(text[:limit] + "…") if len(text) > limit else repr(text)
 
 
-def is_no_space(error: BaseException) -> bool:
+def is_no_space(error: BaseException | None) -> bool:
     """Whether an OSError (or one in its causes) is a full disk."""
-    cause: BaseException | None = error
+    cause = error
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
             return True

@@ -70,8 +70,9 @@ class SeedVR2:
         self._random_weights = random_weights
         self._compiled = False
         self._interrupted = False
+        self._step_listeners: list[Callable[[], None]] = []
         for module in (*dit.blocks, *(m for m in vae.modules() if isinstance(m, torch.nn.Conv3d))):
-            module.register_forward_pre_hook(self._stop_if_interrupted)
+            module.register_forward_pre_hook(self._step)
         # Stored bf16 officially; the official sampler casts them to the DiT's float32 parameter dtype.
         self.pos_emb = pos_emb.to(self.device, torch.float32)
         self.neg_emb = neg_emb.to(self.device, torch.float32)
@@ -132,10 +133,18 @@ class SeedVR2:
         (a kernel already running cannot be stopped from outside)."""
         self._interrupted = True
 
-    def _stop_if_interrupted(self, *_: object) -> None:
-        """A forward pre-hook on every DiT block and VAE convolution."""
+    def on_step(self, listener: Callable[[], None]) -> None:
+        """Call `listener` at every step of the work: each DiT block and VAE convolution it enters (a rank
+        counts its progress with it)."""
+        self._step_listeners.append(listener)
+
+    def _step(self, *_: object) -> None:
+        """A forward pre-hook on every DiT block and VAE convolution: stops an interrupted restore, tells the
+        listeners."""
         if self._interrupted:
             raise RestoreInterrupted("the restore was interrupted")
+        for listener in self._step_listeners:
+            listener()
 
     def close(self) -> None:
         """Nothing to stop in one process: the weights go when the last reference does."""

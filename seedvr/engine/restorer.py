@@ -13,13 +13,11 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from seedvr.engine.colorfix import METHODS as COLOR_FIX_METHODS
 from seedvr.engine.preprocess import VAE_TEMPORAL_STRIDE, padded_frame_count
 
 if TYPE_CHECKING:
     from seedvr.engine.memory_plan import Footprint, MemoryPlan
 
-COLOR_FIXES = COLOR_FIX_METHODS  # the colour fixes a request may ask for
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,7 @@ class Sampling:
     cfg_scale: float = 1.0  # 1.0: no guidance, one DiT call per step
     cfg_rescale: float = 0.0
     sample_steps: int = 1  # SeedVR2 is trained for one step
-    color_fix: str = "wavelet"  # one of COLOR_FIXES
+    color_fix: str = "wavelet"  # one of seedvr.engine.colorfix.METHODS
 
 
 @dataclass(frozen=True)

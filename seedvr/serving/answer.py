@@ -35,8 +35,7 @@ class ItemResult:
 
 
 def _model_fields(model: LoadedModel) -> dict:
-    fields: dict = {"model_type": model.model_type, "model_variant": model.variant}
-    return fields
+    return {"model_type": model.model_type, "model_variant": model.variant}
 
 
 def _random_weights(model: LoadedModel) -> dict:

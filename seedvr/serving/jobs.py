@@ -24,7 +24,7 @@ from seedvr import settings
 from seedvr.engine import chunking, memory_plan
 from seedvr.engine.restorer import RestoreInterrupted
 from seedvr.engine.sizing import ItemSize, item_size
-from seedvr.errors import OUT_OF_MEMORY, RestoreError, WorkerFault, is_no_space, no_space
+from seedvr.errors import OUT_OF_MEMORY, RestoreError, WorkerFault
 from seedvr.io.inputs import InputItem, gather_inputs
 from seedvr.io.media.video import iter_frames
 from seedvr.io.outputs import OutputFile, deliver_output, video_writer, write_comparison, write_restored_image
@@ -94,10 +94,6 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
         except RestoreInterrupted:
             cancel.check()  # the interruption came from the job's cancellation: CANCELLED
             raise
-        except OSError as error:
-            if not is_no_space(error):
-                raise
-            raise no_space(workdir, "the job's files did not fit") from error
         if done is None:
             _free_device_memory()
             log.warning("CUDA out of memory outside the memory plan: %s", failure)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
 
 from seedvr import settings
-from seedvr.engine.restorer import COLOR_FIXES
+from seedvr.engine.colorfix import METHODS as COLOR_FIXES
 from seedvr.errors import INVALID_INPUT, RestoreError, excerpt
 from seedvr.io.media.encoders import CODECS, CONTAINERS, PIXEL_FORMATS, container_for, crf_range
 from seedvr.models.attention import BACKENDS as ATTENTION_BACKENDS

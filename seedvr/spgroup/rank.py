@@ -85,16 +85,8 @@ class Reporter:
         with self._lock:
             wire.send(self.conn, message)
 
-    def count(self, *_: object) -> None:
+    def count(self) -> None:
         self.progress += 1
-
-    def watch(self, pipeline: SeedVR2) -> None:
-        """Count every DiT block and VAE convolution the pipeline enters."""
-        for block in pipeline.dit.blocks:
-            block.register_forward_pre_hook(self.count)
-        for module in pipeline.vae.modules():
-            if isinstance(module, torch.nn.Conv3d):
-                module.register_forward_pre_hook(self.count)
 
     def beat_forever(self) -> None:
         while True:
@@ -121,7 +113,7 @@ def rank_main(rank: int, spec: RankSpec, conn: Connection) -> None:
                                      "dtype": str(pipeline.dtype).removeprefix("torch."),
                                      "random_weights": pipeline.random_weights}))
     reporter = Reporter(conn)
-    reporter.watch(context.pipeline)
+    context.pipeline.on_step(reporter.count)  # every DiT block and VAE convolution entered
     threading.Thread(target=reporter.beat_forever, name="heartbeat", daemon=True).start()
     try:
         _serve(context, reporter)

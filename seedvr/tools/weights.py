@@ -53,11 +53,6 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16
 COPY_HINT = "or copy the files into SEEDVR_CKPT_DIR / SEEDVR_EMBEDDINGS_DIR"
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """'seedvr2_7b_sharp' -> ('seedvr2_7b', 'sharp')."""
-    return split_weight_set(name)
-
-
 # Download
 def hub_metadata(repo: str, filename: str) -> HfFileMetadata:
     """The hub's answer to HEAD /{repo}/resolve/main/{filename}: where to GET it, its ETag and size."""
@@ -130,7 +125,7 @@ def fetch(repo: str, filename: str, destination: Path) -> None:
 
 def download(name: str) -> None:
     """Fetch the missing files of a model, then verify all of them."""
-    model_type, variant = split_name(name)
+    model_type, variant = split_weight_set(name)
     for path in loader.model_files(model_type, variant).missing():
         fetch(card(model_type).hf_repo, path.name, path)
     verify(model_type, variant)
@@ -206,7 +201,7 @@ def converted_dtypes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 def convert(name: str, delete_pth: bool = False) -> None:
     """Write the bf16 .safetensors of a model's checkpoints (skipping those already converted), then verify."""
-    model_type, variant = split_name(name)
+    model_type, variant = split_weight_set(name)
     dit, vae = loader.build_models(model_type, loader.load_config(model_type))
     dit_source, vae_source = loader.checkpoint_paths(model_type, variant)
     for model, source in ((dit, dit_source), (vae, vae_source)):
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "convert":
             convert(args.model, args.delete_pth)
         else:
-            verify(*split_name(args.model))
+            verify(*split_weight_set(args.model))
             print(f"{args.model}: all files present and verified", flush=True)
     except RestoreError as error:
         print(f"error: {error}", file=sys.stderr)

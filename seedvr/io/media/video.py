@@ -341,7 +341,7 @@ class VideoWriter:
         logger.error("encoding %s failed: %s\n%s", self.path.name, reason, stderr)
         self._abort()
         self.path.unlink(missing_ok=True)
-        if NO_SPACE_MESSAGE in stderr or is_no_space(cause or ValueError()):
+        if NO_SPACE_MESSAGE in stderr or is_no_space(cause):
             raise no_space(self.path.parent, "encoding the restored video") from cause
         raise RestoreError(INTERNAL, f"video encoding failed: {reason}") from cause
 
