@@ -1,6 +1,6 @@
 """RunPod serverless entry point: routes `input.action` to one function each.
 
-    python handler.py                                   # runs test_input.json once
+    python handler.py                                   # runs test_input.json once, results in ./outputs/<job id>/
     python handler.py --rp_serve_api --rp_api_port 8000 # local API server (/run, /runsync)
 
 The settings and the machine are checked before the first job (seedvr.serving.fitness): a bad setting
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from runpod.serverless.modules.rp_logger import RunPodLogger
 from seedvr import settings
 from seedvr.engine import cuda_setup
 from seedvr.errors import INTERNAL, RestoreError, is_no_space, no_space
+from seedvr.io.media.payload import decode_base64, sniff_media
 from seedvr.serving import fitness, jobs
 from seedvr.serving.cancel import CancelToken
 from seedvr.serving.health import health
@@ -39,6 +41,7 @@ if DEBUG:
     RunPodLogger().set_level("DEBUG")
 log = logging.getLogger("seedvr.handler")
 
+LOCAL_OUTPUTS = Path("outputs")  # `python handler.py` (one test job): its results go to ./outputs/<job id>/
 HOLDER = ModelHolder()  # the worker's one warm model
 SHUTDOWN = Shutdown(HOLDER.release)  # the running jobs, and what SIGTERM does in production
 
@@ -128,9 +131,62 @@ def prepare() -> None:
         runpod.serverless.register_fitness_check(check)
 
 
+def runs_one_test_job(argv: list[str], environ: dict[str, str]) -> bool:
+    """Whether runpod.serverless.start, given these arguments, runs one test job and exits (its local mode:
+    test_input.json or --test_input) instead of serving: the SDK's own rule, from its own argument parser."""
+    args, _ = runpod.serverless.parser.parse_known_args(argv)
+    if args.rp_serve_api or int(environ.get("RUNPOD_REALTIME_PORT", "0")):
+        return False
+    return bool(args.test_input) or environ.get("RUNPOD_WEBHOOK_GET_JOB") is None
+
+
+def write_results(answer: dict, folder: Path) -> dict:
+    """The answer with every inline result (base64 or data URI in `media`, `videos`, `compare`) written to
+    folder/restored<i>.<ext> and folder/compare<i>.png, and replaced by that file's path. URLs and null entries
+    stay; the folder is made only when there is a file to write."""
+    written: dict[str, list[str | None]] = {}
+    for key, stem in (("media", "restored"), ("compare", "compare")):
+        if not isinstance(answer.get(key), list):
+            continue
+        paths: list[str | None] = []
+        for index, value in enumerate(answer[key]):
+            if value is None:
+                paths.append(None)
+                continue
+            data = decode_base64(value, f"{key}[{index}]")
+            folder.mkdir(parents=True, exist_ok=True)
+            path = (folder / f"{stem}{index}.{sniff_media(data).extension}").resolve()
+            path.write_bytes(data)
+            log.info("wrote the result to %s", path)
+            paths.append(str(path))
+        written[key] = paths
+    if "videos" in answer and "media" in written:
+        written["videos"] = written["media"]  # the legacy alias stays equal to media
+    return {**answer, **written}
+
+
+async def handler_writing_files(job: dict) -> dict:
+    """`handler` for the local test job: its results are written to files under ./outputs/<job id>/ and the answer
+    names those files instead of carrying the base64. Why a wrapper: the SDK's local mode (rp_local.run_local)
+    only logs the answer ("Job result: ...", cut to 4 KB a line) and offers no hook for the output, so the console
+    filled with base64 and the result itself was lost. Production and --rp_serve_api keep `handler` itself."""
+    answer = await handler(job)
+    if "error" in answer:
+        return answer
+    job_id = str(job.get("id", "local"))
+    with job_logging(job_id):
+        return write_results(answer, LOCAL_OUTPUTS / re.sub(r"[^A-Za-z0-9_-]", "_", job_id))  # no path from input
+
+
 def main() -> None:
+    if not runs_one_test_job(sys.argv[1:], dict(os.environ)):
+        prepare()
+        runpod.serverless.start({"handler": handler})
+        return
+    if not DEBUG and not {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & set(os.environ):
+        RunPodLogger().set_level("INFO")  # the SDK's default, DEBUG, echoes the test job's input (its base64)
     prepare()
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start({"handler": handler_writing_files})
 
 
 if __name__ == "__main__":

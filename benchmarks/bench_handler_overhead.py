@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from seedvr.io.delivery import deliver
 from seedvr.io.inputs import gather_inputs
 from seedvr.io.media.ffmpeg import ffmpeg_exe
 from seedvr.io.media.video import iter_frames
-from seedvr.io.outputs import video_writer
-from seedvr.serving.schema import parse_request
+from seedvr.io.outputs import deliver_output, video_writer
+from seedvr.serving.schema import RestoreRequest, parse_request
+from seedvr.serving.specs import restore_spec
 
 
 def make_clip(path: Path, seconds: float, size: str, bitrate: str, noise: int = 0) -> Path:
@@ -48,12 +48,15 @@ def ffmpeg_transcode(clip: Path, out: Path) -> None:
 def worker_path(payload: str, workdir: Path) -> str:
     """What the worker does around the model, on a base64 payload; returns the base64 answer."""
     request = parse_request({"action": "restore", "media": payload})
-    item = gather_inputs(request, workdir)[0]
-    writer, output = video_writer(request, item, workdir, item.width, item.height)
+    assert isinstance(request, RestoreRequest)
+    spec = restore_spec(request)
+    item = gather_inputs(spec.media, workdir)[0]
+    assert item.video is not None, "the clip is a video"
+    writer, output = video_writer(spec.video, item, workdir, item.width, item.height)
     with writer:
         for frame in iter_frames(item.path, item.video):
             writer.write(frame)
-    return deliver(output.path, mode="base64", job_id="bench", mime=output.mime).value
+    return str(deliver_output(spec.delivery, output, "bench").value)
 
 
 def peak_rss_child(clip: Path) -> None:

@@ -14,13 +14,14 @@ INVALID_INPUT = "INVALID_INPUT"
 UNSUPPORTED_MEDIA = "UNSUPPORTED_MEDIA"
 MODEL_NOT_AVAILABLE = "MODEL_NOT_AVAILABLE"
 OUT_OF_MEMORY = "OUT_OF_MEMORY"
+OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"  # the answer cannot carry the result inline: a bucket or a smaller result
 NO_SPACE = "NO_SPACE"  # a disk of the worker is full: the operator's problem, a retry elsewhere may succeed
 WORKER_FAULT = "WORKER_FAULT"  # a process of the worker died or hung twice in one job: a retry may succeed
 CANCELLED = "CANCELLED"  # RunPod stopped the job (never answered: the job ends with CancelledError)
 INTERNAL = "INTERNAL"
 
-CODES = (INVALID_INPUT, UNSUPPORTED_MEDIA, MODEL_NOT_AVAILABLE, OUT_OF_MEMORY, NO_SPACE, WORKER_FAULT, CANCELLED,
-         INTERNAL)
+CODES = (INVALID_INPUT, UNSUPPORTED_MEDIA, MODEL_NOT_AVAILABLE, OUT_OF_MEMORY, OUTPUT_TOO_LARGE, NO_SPACE, WORKER_FAULT,
+         CANCELLED, INTERNAL)
 
 
 class RestoreError(Exception):

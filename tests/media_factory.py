@@ -106,6 +106,39 @@ VIDEO_CASES = {
 }
 
 
+# Containers of old cameras, phones and discs, each with the audio it usually carries. They are kept out of
+# VIDEO_CASES (every test over those runs on them); tests/test_containers.py reads them.
+LEGACY_CASES = {
+    "wmv_wmav2": VideoCase(
+        "clip.wmv", "video/x-ms-asf", Fraction(25), 5, ("-c:v", "wmv2", "-q:v", "3", "-f", "asf"),
+        "wmav2", ("-c:a", "wmav2"),
+    ),
+    "3gp_amr": VideoCase(  # a phone: MPEG-4 Part 2 video, AMR-NB speech audio (8 kHz mono)
+        "clip.3gp", "video/3gpp", Fraction(15), 5, ("-c:v", "mpeg4", "-q:v", "3", "-f", "3gp"),
+        "amr_nb", ("-c:a", "libopencore_amrnb", "-ar", "8000", "-ac", "1"),
+    ),
+    "m4v_aac": VideoCase(  # iTunes video: the ipod muxer writes the "M4V " brand
+        "clip.m4v", "video/x-m4v", Fraction(30000, 1001), 5, H264 + ("-f", "ipod"), "aac", ("-c:a", "aac"),
+    ),
+    "f4v_aac": VideoCase("clip.f4v", "video/x-f4v", Fraction(24), 5, H264 + ("-f", "f4v"), "aac", ("-c:a", "aac")),
+    "mts_ac3": VideoCase(  # AVCHD camcorder: MPEG-TS in 192-byte packets (a 4-byte timecode before each)
+        "clip.mts", "video/mp2t", Fraction(30000, 1001), 5, H264 + ("-f", "mpegts", "-mpegts_m2ts_mode", "1"),
+        "ac3", ("-c:a", "ac3"),
+    ),
+    "vob_mp2": VideoCase(  # DVD: MPEG-2 program stream
+        "clip.vob", "video/mpeg", Fraction(25), 5, ("-c:v", "mpeg2video", "-q:v", "2", "-f", "vob"),
+        "mp2", ("-c:a", "mp2"),
+    ),
+}
+
+
+def make_legacy_video(directory: Path, name: str) -> Path:
+    """Write LEGACY_CASES[name] (64x48 pattern frames, a tone as audio) into `directory`; return its path."""
+    case = LEGACY_CASES[name]
+    frames = pattern_frames(case.frame_count)
+    return write_video(Path(directory) / case.file_name, frames, case.fps, case.video_args, case.audio_args)
+
+
 def make_video(directory: Path, name: str) -> Path:
     """Write VIDEO_CASES[name] into `directory` and return its path."""
     case = VIDEO_CASES[name]

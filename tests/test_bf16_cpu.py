@@ -23,9 +23,10 @@ def test_parity_bf16_reaches_the_psnr_floor_on_every_pipeline_run(golden, tmp_pa
     assert all("psnr" in line for line in lines[:-1]) and lines[-1] == f"parity: {len(runs)} passed, 0 failed"
 
 
-def test_parity_bf16_is_for_pipeline_cases_only(golden):
-    with pytest.raises(ValueError, match="runs pipeline cases only"):
+def test_parity_bf16_is_for_pipeline_cases_only(golden, capsys):
+    with pytest.raises(SystemExit) as stopped:  # a usage error: said in one line, no traceback
         main(["--dtype", "bfloat16", str(golden / "dit3b_tiny")])
+    assert stopped.value.code == 2 and "runs pipeline cases only" in capsys.readouterr().err
 
 
 def test_the_psnr_of_equal_images_is_infinite_and_falls_with_the_error():

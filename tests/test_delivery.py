@@ -12,8 +12,8 @@ import requests
 from conftest import S3_BUCKET as BUCKET
 
 from seedvr import settings
-from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
-from seedvr.io.delivery import deliver
+from seedvr.errors import INTERNAL, INVALID_INPUT, OUTPUT_TOO_LARGE, RestoreError
+from seedvr.io.delivery import DeliverySpec, InlineBudget, deliver, inline_risk
 
 CREDENTIALS = {"BUCKET_ACCESS_KEY_ID": "test-key", "BUCKET_SECRET_ACCESS_KEY": "test-secret"}
 
@@ -116,11 +116,10 @@ def test_no_bucket_is_a_clear_error_and_nothing_is_written_locally(no_bucket_env
     with pytest.raises(RestoreError) as caught:
         deliver(video, mode=mode, job_id="j", mime="video/mp4")
 
-    assert caught.value.code == INVALID_INPUT
+    # "url" cannot be served without a bucket; "auto" could, had the result been small enough
+    assert caught.value.code == {"url": INVALID_INPUT, "auto": OUTPUT_TOO_LARGE}[mode]
     for name in settings.BUCKET_VARIABLES:
         assert name in caught.value.message
-    if mode == "auto":
-        assert "too large" in caught.value.message
     assert list(workdir.iterdir()) == []
     assert sorted(p.name for p in video.parent.iterdir()) == ["restored.mp4"]
 
@@ -189,3 +188,80 @@ def test_an_endpoint_that_never_answers_the_connect_times_out(bucket_env, video,
                 filler.close()
     assert caught.value.code == INTERNAL
     assert "ConnectTimeout" in caught.value.message
+
+
+def base64_length(path: Path) -> int:
+    return len(base64.b64encode(path.read_bytes()))
+
+
+def test_the_limit_is_in_bytes_of_base64_and_the_error_quotes_that_unit(no_bucket_env, video, monkeypatch):
+    """The regression: a file under the limit whose base64 is over it was refused quoting the file's size."""
+    size, encoded = video.stat().st_size, base64_length(video)
+    limit = (size + encoded) // 2  # the file is below it, its base64 above
+    monkeypatch.setenv("SEEDVR_BASE64_LIMIT_BYTES", str(limit))
+
+    with pytest.raises(RestoreError) as caught:
+        deliver(video, mode="auto", job_id="j", mime="video/mp4", what="the restored video of media")
+
+    message = caught.value.message
+    assert caught.value.code == OUTPUT_TOO_LARGE
+    assert message.startswith(f"the restored video of media is {encoded} bytes of base64 (a {size}-byte file)")
+    assert f"below {limit} bytes of base64 (SEEDVR_BASE64_LIMIT_BYTES)" in message
+    assert 'output_delivery "auto" or "url"' in message and "smaller" in message
+
+    monkeypatch.setenv("SEEDVR_BASE64_LIMIT_BYTES", str(encoded + 1))
+    assert deliver(video, mode="auto", job_id="j", mime="video/mp4").kind == "base64"
+
+
+def test_results_of_one_answer_share_the_limit(bucket_env, video, monkeypatch):
+    encoded = base64_length(video)
+    budget = InlineBudget(limit=encoded + encoded // 2)  # one result fits, two do not
+    first = deliver(video, mode="auto", job_id="j", mime="video/mp4", budget=budget)
+    second = deliver(video, mode="auto", job_id="j", mime="video/mp4", budget=budget)
+    assert (first.kind, second.kind) == ("base64", "url")
+    assert budget.used == encoded
+
+    for name in settings.BUCKET_VARIABLES:
+        monkeypatch.delenv(name)
+    with pytest.raises(RestoreError) as caught:
+        deliver(video, mode="auto", job_id="j", mime="video/mp4", budget=budget)
+    assert caught.value.code == OUTPUT_TOO_LARGE
+    assert f"on top of {encoded} bytes already inline for earlier results" in caught.value.message
+
+
+def test_a_text_the_answer_repeats_counts_each_time(no_bucket_env, video):
+    encoded = base64_length(video)
+    budget = InlineBudget(limit=encoded + encoded // 2)
+    with pytest.raises(RestoreError) as caught:
+        deliver(video, mode="auto", job_id="j", mime="video/mp4", budget=budget, copies=2)
+    assert caught.value.code == OUTPUT_TOO_LARGE
+    assert f"is {2 * encoded} bytes of base64" in caught.value.message and "`videos`" in caught.value.message
+    assert budget.used == 0
+
+
+def test_base64_delivery_refuses_what_the_answer_cannot_carry_and_uploads_nothing(bucket_env, video, monkeypatch):
+    monkeypatch.setenv("SEEDVR_BASE64_LIMIT_BYTES", str(base64_length(video)))
+    before = stored_keys(bucket_env)
+    with pytest.raises(RestoreError) as caught:
+        deliver(video, mode="base64", job_id="j", mime="video/mp4")
+    assert caught.value.code == OUTPUT_TOO_LARGE
+    assert "instead of 'base64'" in caught.value.message  # the bucket is there: ask for a URL
+    assert stored_keys(bucket_env) == before
+
+
+@pytest.mark.parametrize("mode,bucket,warned", [
+    ("auto", False, True),  # no bucket: everything must be inline
+    ("base64", True, True),  # inline asked for
+    ("auto", True, False),  # what does not fit goes to the bucket
+    ("url", True, False),  # nothing inline
+], ids=["auto-no-bucket", "base64-with-bucket", "auto-with-bucket", "url"])
+def test_inline_risk_warns_only_where_results_must_be_inline(mode, bucket, warned):
+    target = settings.Bucket("http://127.0.0.1:9/b", "k", "s") if bucket else None
+    budget = InlineBudget(limit=1000)
+    spec = DeliverySpec(mode)
+    assert inline_risk(999, spec, budget, target, "smaller") is None  # may fit
+    warning = inline_risk(1000, spec, budget, target, "a higher crf")
+    assert (warning is not None) == warned
+    if warned:
+        assert "at least 1000 bytes of base64" in warning and "below 1000 bytes of base64" in warning
+        assert "OUTPUT_TOO_LARGE" in warning and "(a higher crf)" in warning

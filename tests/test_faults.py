@@ -168,9 +168,9 @@ def test_a_full_temporary_disk_is_no_space_and_the_next_job_runs(tiny_dir, full_
         assert job_files(full_tmp) == []
 
         clip = tmp_path / "clip.mp4"
-        write_video(clip, pattern_frames(13, 64, 48), Fraction(25))  # 13 frames in: tens of kB
-        big_out = {"action": "restore", "media": base64.b64encode(clip.read_bytes()).decode(), "res_h": 576,
-                   "res_w": 768, "crf": 0}  # noise at 768x576, lossless: megabytes out
+        write_video(clip, pattern_frames(5, 64, 48), Fraction(25))  # 5 frames in: a few kB
+        big_out = {"action": "restore", "media": base64.b64encode(clip.read_bytes()).decode(), "res_h": 624,
+                   "res_w": 832, "crf": 0}  # noise at 832x624, lossless: about 4 MB out
         answer = worker.runsync(big_out)
         assert answer["status"] == "FAILED" and answer["error"].startswith(f"{NO_SPACE}: "), answer
         assert "encoding the restored video" in answer["error"]

@@ -133,3 +133,44 @@ def test_the_worker_sets_expandable_segments_unless_the_user_chose():
     default = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, env=base)
     assert chosen.stdout.split()[-1] == "max_split_size_mb:512"
     assert default.stdout.split()[-1] == "expandable_segments:True"
+
+
+# what runpod.serverless.start does with these arguments and variables: (argv, environment, runs one test job)
+START_MODES = [
+    ([], {}, True),  # `python handler.py`: test_input.json
+    (["--test_input", '{"input": {}}'], {}, True),
+    (["--rp_serve_api", "--rp_api_port", "8000"], {}, False),  # the local API server
+    ([], {"RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take/$ID"}, False),  # production
+    (["--test_input", '{"input": {}}'], {"RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take/$ID"}, True),
+    ([], {"RUNPOD_REALTIME_PORT": "8000"}, False),  # RunPod's realtime server
+    (["--rp_log_level", "INFO"], {}, True),
+]
+
+
+@pytest.mark.parametrize("argv, environ, one_job", START_MODES,
+                         ids=["test_input_json", "test_input_flag", "serve_api", "production", "production_test_input",
+                              "realtime", "other_flags"])
+def test_only_the_local_test_job_writes_files(argv, environ, one_job):
+    """Production, the local API and realtime keep the plain handler; the local test run gets the file writer."""
+    assert handler.runs_one_test_job(argv, environ) is one_job
+
+
+def test_a_local_test_answer_names_files_in_place_of_base64(tiny_env, tmp_path):
+    """An image with its before/after picture, answered as data URIs: each is written to outputs/<job>/, byte for
+    byte, and the answer names the files; the rest of the answer stays. (A video: test_readme's handler run.)"""
+    image, _, _ = make_image(tmp_path, "jpeg")
+    answer = run({"action": "restore", "media": base64.b64encode(image.read_bytes()).decode(), "res_h": 64,
+                  "res_w": 96, "compare": True, "format": "webp", "return_data_uri": True})
+    assert answer.get("success"), answer
+    folder = tmp_path / "outputs" / "job"
+    written = handler.write_results(answer, folder)
+    names = {"media": "restored0.webp", "compare": "compare0.png"}
+    for key, name in names.items():
+        assert written[key] == [str((folder / name).resolve())]
+        assert (folder / name).read_bytes() == base64.b64decode(answer[key][0].split(",", 1)[1])
+    assert {key: value for key, value in written.items() if key not in names} == {
+        key: value for key, value in answer.items() if key not in names}
+    delivered_as_url = {**answer, "media": [None], "compare": [None], "media_urls": ["https://example.com/a"]}
+    assert handler.write_results(delivered_as_url, tmp_path / "none") == delivered_as_url
+    assert handler.write_results({"status": "healthy"}, tmp_path / "none") == {"status": "healthy"}
+    assert not (tmp_path / "none").exists()

@@ -44,7 +44,8 @@ from seedvr.io.media.encoders import (
 from seedvr.io.media.ffmpeg import packet_timing
 from seedvr.io.media.image import image_extension, image_mime, read_image, write_image
 from seedvr.io.media.payload import sniff_media
-from seedvr.io.media.video import VideoWriter, iter_frames, probe_video
+from seedvr.io.media.video import iter_frames, probe_video
+from seedvr.io.media.writer import VideoWriter
 
 PATTERN_TOLERANCE = 8.0  # largest mean-colour error of a frame after lossy codecs
 FPS = Fraction(24000, 1001)
@@ -222,28 +223,25 @@ def audio_source(tmp_path: Path, audio_args: tuple[str, ...], seconds: float = 0
         ("mkv", "h265", "aac", "aac", True),
         ("mkv", "av1", "mp2", "mp2", True),
         ("mkv", "h264", "pcm_dvd", "flac", False),  # Matroska has no id for DVD PCM: lossless FLAC
-        ("mp4", "av1", "libopus", "opus", True),
+        ("mp4", "av1", "libopus", "aac", False),  # many players stay silent on Opus in mp4
         ("mp4", "h265", "pcm_s16le", "aac", False),
     ],
     ids=lambda value: str(value),
 )
 def test_audio_is_copied_or_re_encoded_as_the_container_allows(tmp_path, container, codec, source_audio, expected,
                                                                copied):
-    source = audio_source(tmp_path, ("-c:a", source_audio), seconds=3.0)  # longer than the video: cut
+    source = audio_source(tmp_path, ("-c:a", source_audio), seconds=3.0)  # longer than the video: kept whole
     info = probe_video(source)
     out = tmp_path / f"out.{container_extension(container)}"
     write_clip(out, pattern_frames(info.frame_count), fps=info.fps, codec=codec, container=container,
                audio_source=source)
     written = probe_video(out)
     assert (written.audio_codec, written.frame_count, written.codec) == (expected, 8, STORED_NAMES[codec])
-    assert abs(float(packet_timing(out, 1).span) - 0.32) <= AUDIO_PACKET_SLACK_S
+    assert abs(float(packet_timing(out, 1).span) - 3.0) <= AUDIO_PACKET_SLACK_S
     if (container, codec) == ("mp4", "h265"):
-        assert "(hvc1 / " in stream_line(out, "Video")  # the tag survives the audio remux
+        assert "(hvc1 / " in stream_line(out, "Video")  # the tag is written with the audio
     if copied:
-        cut = tmp_path / "cut.mkv"
-        subprocess.run([FFMPEG, "-v", "error", "-t", "0.32", "-i", str(source), "-map", "0:a", "-c", "copy",
-                        str(cut)], check=True)
-        assert audio_md5(out) == audio_md5(cut)
+        assert audio_md5(out) == audio_md5(source)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == [out.name]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from seedvr.tools.parity import main
+from seedvr.tools.parity import SHARED_REFERENCE, main, target_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CASES = ["preprocess", "colorfix", "vae_tiny", "dit3b_tiny", "dit7b_tiny", "pipeline_tiny"]
@@ -114,3 +114,38 @@ def test_manifest_mismatches_are_named(reference, tmp_path, capsys):
     text = "\n".join(output)
     assert "shape of decoder.conv_in.weight: expected 512x16x1x3x3, got 512x16x3x3x3" in text
     assert "unexpected decoder.conv_out.bias (shape 3)" in text
+
+
+def test_a_missing_target_names_the_reference_folder_and_exits_2_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "shared" / "reference" / "golden" / "pipeline_tiny")])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert f"{tmp_path}/shared/reference/golden/pipeline_tiny does not exist" in message
+    assert f"python -m seedvr.parity {SHARED_REFERENCE}/golden/pipeline_tiny" in message
+
+
+def test_a_folder_that_is_not_a_case_is_named_as_such(golden, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(golden)])
+    assert stopped.value.code == 2
+    assert f"{golden} is a folder without meta.json, so not a golden case directory" in capsys.readouterr().err
+
+
+def test_without_the_reference_folder_the_message_says_where_it_lives(tmp_path):
+    """A fresh clone on a machine without the workplace's shared/ folder."""
+    absent = tmp_path / "shared" / "reference"
+    message = target_problem(Path("no/such/golden/pipeline_tiny"), reference=absent)
+    assert message is not None
+    assert "does not exist (relative paths start from" in message
+    assert f"this workplace keeps it in shared/reference/ next to the checkout ({absent}), which this machine lacks" \
+        in message
+
+
+def test_the_reference_folder_lists_what_can_be_checked(reference):
+    message = target_problem(Path("nowhere"), reference=reference)
+    assert message is not None and f"it is in {reference}, holding golden/colorfix, " in message
+    assert "manifests/dit_3b.tsv, manifests/dit_7b.tsv, manifests/vae.tsv" in message
+    assert target_problem(reference / "golden" / "colorfix") is None
+    assert target_problem(reference / "manifests" / "vae.tsv") is None
+

@@ -30,6 +30,10 @@ DELIVERY_OPTIONS = {
 # issue 4's memory options (null: the memory plan chooses)
 MEMORY_OPTIONS = {"chunk_frames": None, "chunk_overlap": None, "vae_tiling": None, "vae_tile_size": None,
                   "dit_offload": None}
+# issue 11's media options and issue 10's preview range
+MEDIA_OPTIONS = {"deinterlace": "auto", "deinterlace_rate": "frame", "start_time": None, "duration": None}
+# issue 12's restoration strength
+STRENGTH_OPTIONS = {"cond_noise_scale": 0.0}
 CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": None, "sp_size": None, "attention_backend": None,
                                 "compile": None}
 SP_SIZES = {"seedvr2_3b": {1, 2, 4, 5, 10, 20}, "seedvr2_7b": {1, 2, 3, 4, 6, 8, 12, 24}}
@@ -41,6 +45,8 @@ NUMERIC_BOUNDS = [
     ("cfg_scale", 0.0, 20.0, -1e-9, 20.000001),
     ("cfg_rescale", 0.0, 1.0, -1e-9, 1.000001),
     ("sample_steps", 1, 50, 0, 51),
+    ("start_time", 0.0, 86400.0, -1e-9, 86400.001),
+    ("duration", 0.001, 86400.0, 0.0, 86400.001),
 ]
 CHOICES = {
     "media_type": ("auto", "video", "image"),
@@ -48,6 +54,8 @@ CHOICES = {
     "model_variant": ("normal", "sharp"),
     "attention_backend": ("auto", "flash", "sdpa"),
     "color_fix": ("wavelet", "adain", "none"),
+    "deinterlace": ("auto", "on", "off"),
+    "deinterlace_rate": ("frame", "field"),
 }
 MEGABYTE = "A" * 1_000_000
 
@@ -137,8 +145,9 @@ def test_numeric_bounds_are_inclusive(name, low, high, below, above):
                          ids=["true", "false", "int-string", "float-string", "null", "list", "object", "nan", "inf",
                               "-inf"])
 def test_numeric_fields_reject_non_numbers(name, value):
-    if value is None and name in ("res_h", "res_w"):  # nullable: null means "not given"
-        assert getattr(parse_request(restore(**{name: value})), name) == CONTRACT_RESTORE_DEFAULTS[name]
+    if value is None and name in ("res_h", "res_w", "start_time", "duration"):  # nullable: null means "not given"
+        defaults = {**CONTRACT_RESTORE_DEFAULTS, **MEDIA_OPTIONS}
+        assert getattr(parse_request(restore(**{name: value})), name) == defaults[name]
         return
     assert rejection(restore(**{name: value})).startswith(f"{name} must be ")
 
@@ -340,12 +349,17 @@ def test_every_field_has_a_doc_and_a_valid_default():
                 assert read == field.default or isinstance(field.accepts, schema.Resolution), f"{action}.{field.name}"
 
 
+def test_media_options_default_to_auto_deinterlacing_and_the_whole_video():
+    request = parse_request(restore())
+    assert {name: getattr(request, name) for name in MEDIA_OPTIONS} == MEDIA_OPTIONS
+
+
 def test_table_lists_exactly_the_contract_fields():
     names = {action: {field.name for field in table} for action, table in schema.TABLE.items()}
     assert names["health"] == {"action"}
     assert names["initialize"] == {"action", *CONTRACT_INITIALIZE_DEFAULTS}
     assert names["restore"] == {"action", "media", "video", "image", *CONTRACT_RESTORE_DEFAULTS, *DELIVERY_OPTIONS,
-                                *MEMORY_OPTIONS}
+                                *MEMORY_OPTIONS, *MEDIA_OPTIONS, *STRENGTH_OPTIONS}
 
 
 def test_describe_lists_every_field_with_its_default():

@@ -16,12 +16,13 @@ needs them and handed on as soon as no later chunk can touch them, so host memor
 of input and output frames, whatever the length of the clip.
 
 Noise policy. A clip that fits in one chunk runs the official whole-clip pass: one generator seeded with
-`seed`, drawn in the official order. With several chunks each latent frame gets its posterior ε and its
-x_T noise from its own CPU generator, seeded from (seed, "eps" or "noise", the index in the clip of the
-last input frame that latent frame encodes). The noise is thus a function of the position in the clip,
-not of the chunking: where two chunks' latent grids line up (overlap ≡ 1 mod 4, as the automatic
-overlaps are), both chunks see the same noise in their shared frames, and a result does not depend on
-the GPU model (CPU draws).
+`seed`, drawn in the official order. With several chunks each latent frame gets its posterior ε, its
+x_T noise and (when cond_noise_scale > 0) its condition aug noise from its own CPU generator, seeded from
+(seed, "eps", "noise" or "aug", the index in the clip of the last input frame that latent frame encodes).
+The noise is thus a function of the position in the clip, not of the chunking: where two chunks' latent
+grids line up (overlap ≡ 1 mod 4, as the automatic overlaps are), both chunks see the same noise in their
+shared frames, and a result does not depend on the GPU model (CPU draws). The condition-noise level
+follows the same rule: every chunk is noised at the level of the whole clip (`clip_latent_frames`).
 """
 
 import hashlib
@@ -136,6 +137,11 @@ def _seed_for(seed: int, stream: str, frame: int) -> int:
     return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2^63 - 1
 
 
+def _frame_normal(seed: int, stream: str, frame: int, *shape: int) -> torch.Tensor:
+    """A standard normal of `shape` from the CPU generator of (seed, stream, clip frame index)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(_seed_for(seed, stream, frame)))
+
+
 def positional_noise(seed: int, start: int, latent_frames: int, height: int, width: int,
                      channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps (1, C, t, h, w), noise (t, h, w, C)) float32 for a chunk whose first frame is clip frame `start`:
@@ -144,11 +150,20 @@ def positional_noise(seed: int, start: int, latent_frames: int, height: int, wid
     noise = torch.empty(latent_frames, height, width, channels)
     for j in range(latent_frames):
         last_frame = start + VAE_TEMPORAL_STRIDE * j
-        eps[0, :, j] = torch.randn(channels, height, width,
-                                   generator=torch.Generator().manual_seed(_seed_for(seed, "eps", last_frame)))
-        noise[j] = torch.randn(height, width, channels,
-                               generator=torch.Generator().manual_seed(_seed_for(seed, "noise", last_frame)))
+        eps[0, :, j] = _frame_normal(seed, "eps", last_frame, channels, height, width)
+        noise[j] = _frame_normal(seed, "noise", last_frame, height, width, channels)
     return eps, noise
+
+
+def positional_aug_noise(seed: int, start: int, latent_frames: int, height: int, width: int,
+                         channels: int) -> torch.Tensor:
+    """aug noise (t, h, w, C) float32, the condition noise of `Sampling.cond_noise_scale`, keyed as
+    `positional_noise` keys x_T but in a stream of its own (the official aug noise is a draw of its own, with
+    the shape and dtype of the latent)."""
+    aug_noise = torch.empty(latent_frames, height, width, channels)
+    for j in range(latent_frames):
+        aug_noise[j] = _frame_normal(seed, "aug", start + VAE_TEMPORAL_STRIDE * j, height, width, channels)
+    return aug_noise
 
 
 def _pull(frames: Iterator[np.ndarray], index: int, count: int) -> np.ndarray:
@@ -177,13 +192,18 @@ def _finish(frames: Iterator[np.ndarray]) -> None:
 def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: int, size: ItemSize, *,
                  chunk_frames: int | None = None, overlap: int = 0, sampling: Sampling = Sampling(), fade: str = "hann",
                  on_chunk: Callable[[int, Chunk], None] | None = None, timings: dict[str, float] | None = None,
-                 on_phase: Callable[[str], None] | None = None) -> Iterator[np.ndarray]:
+                 on_phase: Callable[[str], None] | None = None, first_frame: int = 0,
+                 video_frames: int | None = None) -> Iterator[np.ndarray]:
     """Yield the restored uint8 (Hc, Wc, 3) frames of a clip, in order, one per input frame.
 
     frames: uint8 (H, W, 3) frames, read lazily (e.g. from `seedvr.io.media.video.iter_frames`). size: the
     item's output size (seedvr.engine.sizing.item_size), the same for every chunk.
     restorer: the single-process pipeline or a sequence-parallel group. timings, on_phase: passed to every
     `restorer.restore` call. on_chunk(index, chunk) is called before each chunk is restored.
+    first_frame, video_frames: where the clip starts in its video and how many frames the video has (a part
+    restored alone, `start_time`; None: the clip is the video): chunked noise is keyed by the video's frame
+    numbers and conditioned at the video's level, so a part that starts at a chunk start of the whole video's
+    plan restores its chunks exactly as the whole video's run does.
     """
     source = iter(frames)
     chunks = plan_chunks(frame_count, chunk_frames, overlap)
@@ -199,6 +219,8 @@ def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: 
         return
 
     fader = CrossFader()
+    # the whole video's length sets every chunk's condition-noise level
+    clip_latent = restorer.latent_shape(video_frames or frame_count, size.height, size.width)
     window: deque = deque()  # input frames not yet needed by every chunk, from clip index window_start
     window_start = 0
     for index, chunk in enumerate(chunks):
@@ -211,11 +233,15 @@ def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: 
             on_chunk(index, chunk)
         clip = np.stack(window)
         latent = restorer.latent_shape(chunk.frames, size.height, size.width)
-        eps, noise = positional_noise(sampling.seed, chunk.start, latent.frames, latent.height, latent.width,
+        eps, noise = positional_noise(sampling.seed, first_frame + chunk.start, latent.frames, latent.height, latent.width,
                                       latent.channels)
+        # At scale 0 the aug noise is multiplied by 0: the restorer's own (unused) draw stands in.
+        aug_noise = (positional_aug_noise(sampling.seed, first_frame + chunk.start, latent.frames, latent.height,
+                                          latent.width, latent.channels) if sampling.cond_noise_scale else None)
         restored = restorer.restore(clip, res_h=size.res_h, res_w=size.res_w, sampling=sampling, eps=eps, noise=noise,
-                                    timings=timings, on_phase=on_phase)
-        del clip, eps, noise
+                                    aug_noise=aug_noise, clip_latent_frames=clip_latent.frames, timings=timings,
+                                    on_phase=on_phase)
+        del clip, eps, noise, aug_noise
         complete_before = chunks[index + 1].start if index + 1 < len(chunks) else frame_count
         yield from fader.add(chunk.start, restored.numpy(), chunk_weights(chunk, fade), complete_before)
         del restored

@@ -1,4 +1,5 @@
-"""Rectified-flow sampling as SeedVR2 uses it: lerp schedule, v_lerp prediction, Euler steps, CFG.
+"""Rectified-flow sampling as SeedVR2 uses it: lerp schedule, v_lerp prediction, Euler steps, CFG, and the
+resolution-dependent timestep shift that sets the level of the condition noise.
 
 Schedule (T = 1000): x_t = A(t)·x_0 + B(t)·x_T with A = 1 − t/T, B = t/T; x_T is the noise.
 The model predicts v ≈ x_T − x_0. One step (the SeedVR2 setting) is a single call at t = T: x_0 = x_T − v.
@@ -9,6 +10,12 @@ from collections.abc import Callable
 import torch
 
 T = 1000.0  # schedule length; timesteps are floats in (0, T]
+
+# The shift of `timestep_transform`: a straight line through two (pixels, shift) anchors, one fit for images
+# (pixels = height·width) and one for videos (pixels = frames·height·width), as in SeedVR2's diffusion config
+# (timesteps.transform: True). Between and beyond the anchors the line is extended, as the official code does.
+IMAGE_SHIFT_ANCHORS = ((256 * 256, 1.0), (1024 * 1024, 3.2))
+VIDEO_SHIFT_ANCHORS = ((256 * 256 * 37, 1.0), (1280 * 720 * 145, 5.0))
 
 # velocity(x_t, t, step) -> v, with x_t (l, c), t a 0-d float tensor and step the 0-based step index
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -48,6 +55,28 @@ def uniform_trailing_timesteps(steps: int, device: torch.device | str | None = N
     # The official arange expression, for bit-equal values; float error gives it one extra, near-zero
     # entry for some step counts (e.g. 49), which the slice drops.
     return (torch.arange(1.0, 0.0, -1.0 / steps, device=device) * T)[:steps]
+
+
+def resolution_shift(frames: int, height: int, width: int) -> torch.Tensor:
+    """0-d float32: the timestep shift of a clip of `frames` frames of height x width pixels (frames = 1: an
+    image). The official arithmetic: a Python-float slope times an integer tensor, so float32."""
+    (x1, y1), (x2, y2) = VIDEO_SHIFT_ANCHORS if frames > 1 else IMAGE_SHIFT_ANCHORS
+    slope = (y2 - y1) / (x2 - x1)
+    pixels = torch.tensor(height * width * frames, dtype=torch.int64)
+    return slope * pixels + (y1 - slope * x1)
+
+
+def timestep_transform(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """t' = T·shift·u / (1 + (shift − 1)·u) with u = t/T: 0 stays 0, T stays T, and a shift above 1 moves
+    every timestep in between towards T (more noise), below 1 towards 0."""
+    u = t / T
+    return shift * u / (1 + (shift - 1) * u) * T
+
+
+def condition_timestep(scale: float, frames: int, height: int, width: int) -> torch.Tensor:
+    """(1,) float32: the timestep at which SeedVR2 noises its condition, T·scale through `timestep_transform` with
+    the shift of a frames x height x width pixel clip (the official `_add_noise`, computed the same way)."""
+    return timestep_transform(torch.tensor([T]) * scale, resolution_shift(frames, height, width))
 
 
 def euler_step(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
     frames (f, H, W, 3) uint8
       -> preprocess (3, f, Hc, Wc) in [-1, 1] -> pad to f_pad = 4k+1 frames
       -> VAE encode -> posterior sample · scaling -> cond latent (t, h, w, 16)
+      -> condition noise: lerp(cond latent, aug noise, t_c/T), t_c = 0 by default (the official output)
       -> Euler sampling of the DiT from noise at t = 1000 (one step: x_0 = noise − v)
       -> VAE decode (3, f_pad, Hc, Wc) -> first f frames -> colour fix against the input -> uint8 (f, Hc, Wc, 3)
 
@@ -168,14 +169,17 @@ class SeedVR2:
     @torch.inference_mode()
     def restore(self, frames: Frames, *, res_h: int, res_w: int, sampling: Sampling = Sampling(),
                 eps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                aug_noise: torch.Tensor | None = None, clip_latent_frames: int | None = None,
                 timings: dict[str, float] | None = None, stages: dict[str, torch.Tensor] | None = None,
                 on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
         """uint8 (f, H, W, 3) frames (torch or numpy) -> restored uint8 (f, Hc, Wc, 3) on CPU.
 
         res_h x res_w: the area the output aims at (seedvr.engine.preprocess.output_size).
-        sampling.seed: a per-request generator, drawn in the official order (posterior eps, x_T noise, unused
-        aug noise).
-        eps (1, 16, t, h, w) / noise (t, h, w, 16): injected instead of the drawn ones (the draws still happen).
+        sampling.seed: a per-request generator, drawn in the official order (posterior eps, x_T noise, aug
+        noise; the aug noise only matters when sampling.cond_noise_scale > 0).
+        eps (1, 16, t, h, w) / noise, aug_noise (t, h, w, 16): injected instead of the drawn ones (the draws
+        still happen). clip_latent_frames: when these frames are one chunk of a longer clip, the latent frames
+        of the whole clip; the condition-noise level is then the whole clip's (see `_noised_condition`).
         timings: filled with seconds per phase. stages: filled with float32 CPU copies of the intermediates,
         named as in the golden pipeline_tiny (costs memory; for tests and debugging).
         on_phase: called with each phase's name as it starts (progress reporting).
@@ -183,6 +187,8 @@ class SeedVR2:
         if sampling.color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"unknown color_fix {sampling.color_fix!r}; must be one of "
                              f"{', '.join(COLOR_FIX_METHODS)}")
+        if not 0.0 <= sampling.cond_noise_scale <= 1.0:
+            raise ValueError(f"cond_noise_scale must be between 0.0 and 1.0, got {sampling.cond_noise_scale}")
         self._interrupted = False  # an interrupt stops the restore in flight, not the next one
         timesteps = diffusion.uniform_trailing_timesteps(sampling.sample_steps, device=self.device)
         record = _StageRecorder(stages)
@@ -198,10 +204,16 @@ class SeedVR2:
             cond_latent = self._encode(encode_input, generator, eps, record)  # (t, h, w, 16)
             del encode_input
             x_T = _draw_like_latent(cond_latent, generator)
-            _draw_like_latent(cond_latent, generator)  # the official aug noise: drawn, then scaled by 0
+            aug = _draw_like_latent(cond_latent, generator)  # the official aug noise, drawn even when unused
             if noise is not None:
                 x_T = _injected(noise, cond_latent, "noise")
+            if aug_noise is not None:
+                aug = _injected(aug_noise, cond_latent, "aug_noise")
             record("noise", x_T)
+            record("aug_noise", aug)
+            cond_latent = self._noised_condition(cond_latent, aug, sampling.cond_noise_scale, clip_latent_frames,
+                                                 record)
+            del aug
         with phase("dit"):
             sample = self._sample(cond_latent, x_T, timesteps, sampling.cfg_scale, sampling.cfg_rescale,
                                   record)  # (t, h, w, 16)
@@ -231,6 +243,38 @@ class SeedVR2:
         cond_latent = (latent[0].permute(1, 2, 3, 0) - self.shifting_factor) * self.scaling_factor
         record("cond_latent", cond_latent)
         return cond_latent
+
+    def _noised_condition(self, cond_latent: torch.Tensor, aug_noise: torch.Tensor, scale: float,
+                          clip_latent_frames: int | None, record: "_StageRecorder") -> torch.Tensor:
+        """cond latent (t, h, w, 16) -> lerp(cond latent, aug noise, t_c/T), in the latent's dtype: the official
+        `_add_noise` of the "sr" condition, with t_c = timestep_transform(T·scale) (seedvr.engine.diffusion).
+
+        The official computes the mix in float32 (t_c carries dims, so it promotes) and stores it in the bf16
+        condition buffer; so do we. At scale 0, t_c = 0 and the mix is 1·x + 0·aug = x exactly: the official
+        output, bit for bit (tests/test_cond_noise.py). What the knob does: see `Sampling.cond_noise_scale`.
+
+        Which grid sets the shift. timestep_transform reads a latent shape as (t, h, w): pixel frames
+        (t − 1)·4 + 1, pixel sides 8h x 8w. The official caller passes `latent.shape[1:]` of its (t, h, w, c)
+        latent, i.e. (h, w, c): frames from h, height from w, width from c = 16 channels. That is dormant
+        there (scale hard-coded to 0) and we do not copy it: the shift would depend on the channel count,
+        an image would take the video fit, and the clip length would not count at all (the resulting shift
+        is what a ~64-frame clip should get: 2.7 at 720p, 5.0 at 1080p, 17 at 4K, whatever the length).
+        We pass the (t, h, w) the function is written for. Parity with other front-ends that expose the knob
+        is out of reach anyway: numz's ComfyUI-SeedVR2_VideoUpscaler (`latent_noise_scale`) keeps the official
+        call but mixes towards 0.1·x_T + 0.05·randn instead of a fresh standard normal.
+        A chunk of a longer clip (clip_latent_frames) takes the whole clip's t: the level is a property of
+        the clip, as the position-keyed noise is (seedvr.engine.chunking), not of where the chunks fall, so
+        a short last chunk is not restored more gently than the others.
+        """
+        latent_frames, height, width = cond_latent.shape[:3]
+        if clip_latent_frames is not None:
+            latent_frames = clip_latent_frames
+        stride, factor = self.vae.temporal_downsample_factor, self.vae.spatial_downsample_factor
+        timestep = diffusion.condition_timestep(scale, (latent_frames - 1) * stride + 1, height * factor,
+                                                width * factor).to(self.device)
+        record("cond_noise_timestep", timestep)
+        mixed = diffusion.lerp(cond_latent, aug_noise, timestep.reshape((1,) * cond_latent.ndim))  # float32
+        return mixed.to(cond_latent.dtype)
 
     def _sample(self, cond_latent: torch.Tensor, x_T: torch.Tensor, timesteps: torch.Tensor, cfg_scale: float,
                 cfg_rescale: float, record: "_StageRecorder") -> torch.Tensor:

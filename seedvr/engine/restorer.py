@@ -29,6 +29,15 @@ class Sampling:
     cfg_rescale: float = 0.0
     sample_steps: int = 1  # SeedVR2 is trained for one step
     color_fix: str = "wavelet"  # one of seedvr.engine.colorfix.METHODS
+    # Restoration strength, 0.0-1.0: how much fresh noise is mixed into the input's latent (the DiT's
+    # condition) before sampling, at timestep_transform(1000·scale) (SeedVR2's own mechanism, which the
+    # official script fixes at 0). 0.0 is the official output, bit for bit. More noise in the condition: the
+    # model trusts the input less and generates more of the detail itself, which helps heavily degraded input
+    # (blocking, blur, noise it should not preserve) and can invent texture on clean input; the colour fix
+    # keeps the colours. The level follows SeedVR2's resolution shift (seedvr.engine.diffusion): the same scale
+    # noises a long or large clip more than a short or small one (0.5 -> t_c/T 0.60 at 720p x 21 frames, 0.81
+    # at 720p x 121 frames, 0.85 for a 1080p image).
+    cond_noise_scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,12 @@ class Restorer(Protocol):
 
     def restore(self, frames: Frames, *, res_h: int, res_w: int, sampling: Sampling = Sampling(),
                 eps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                aug_noise: torch.Tensor | None = None, clip_latent_frames: int | None = None,
                 timings: dict[str, float] | None = None, stages: dict[str, torch.Tensor] | None = None,
                 on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
-        """uint8 (f, H, W, 3) -> restored uint8 (f, Hc, Wc, 3) on the CPU; eps (1, c, t, h, w) and noise
-        (t, h, w, c) replace the drawn ones when given (chunking's position-keyed noise)."""
+        """uint8 (f, H, W, 3) -> restored uint8 (f, Hc, Wc, 3) on the CPU; eps (1, c, t, h, w), noise and
+        aug_noise (t, h, w, c) replace the drawn ones when given (chunking's position-keyed noise), and
+        clip_latent_frames (a chunk's whole clip, in latent frames) sets the condition-noise level."""
         ...
 
     def latent_shape(self, frames: int, height: int, width: int) -> LatentShape:

@@ -1,7 +1,16 @@
 """Hand the restored file back to the client: inline as base64, or as a URL in an S3 bucket.
 
-Restored videos easily exceed what RunPod accepts in a job response (about 20 MB), so a
-result can go to an S3-compatible bucket instead, configured the RunPod way through
+The inline limit is counted in one unit, the bytes of base64 text the JSON answer carries (a data URI's
+`data:<mime>;base64,` prefix included): every result and before/after picture of a job shares one
+`InlineBudget` of `SEEDVR_BASE64_LIMIT_BYTES` (default 15,000,000: RunPod takes about 20 MB in a job's answer
+and refuses a larger one at its job-done endpoint with 400 Bad Request, the result lost, as reported in
+runpod-workers/worker-comfyui#129; runpod-python's own tip names 20 MB too). A text the answer carries twice
+(`media` and its legacy alias `videos`) counts twice. "auto" inlines a result while it fits the budget and
+uploads it otherwise; "base64" inlines it while it fits; a result that must be inline but does not fit fails
+the job with OUTPUT_TOO_LARGE, whose message gives the sizes in that same unit and the fixes (a bucket, a
+smaller result). `inline_risk` warns of that before the work, from a low estimate of the results' size.
+
+A result can go to an S3-compatible bucket, configured the RunPod way through
 `BUCKET_ENDPOINT_URL`, `BUCKET_ACCESS_KEY_ID` and `BUCKET_SECRET_ACCESS_KEY`.
 
 Uploads follow the conventions of runpod's own helper
@@ -13,7 +22,7 @@ read from the endpoint URL by rp_upload's `extract_region_from_url`; and a presi
 valid for 7 days, as the result. Two things of that helper we cannot use as is:
 
 - Without bucket settings it silently copies the file to `./local_upload/` and returns that
-  local path as if it were a URL; here a missing bucket is a clear INVALID_INPUT error.
+  local path as if it were a URL; here a missing bucket is a clear error.
 - Its client keeps botocore's 60 s connect timeout for each of its 3 attempts, so an endpoint
   that drops packets holds the (GPU-billed) job for over 3 minutes before failing; it takes
   no client config. We therefore build the client ourselves with the same settings plus a
@@ -29,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from seedvr import settings
-from seedvr.errors import INTERNAL, INVALID_INPUT, RestoreError
+from seedvr.errors import INTERNAL, INVALID_INPUT, OUTPUT_TOO_LARGE, RestoreError
 from seedvr.io.media.payload import encode_file_base64
 
 log = logging.getLogger(__name__)
@@ -63,33 +72,99 @@ class Delivered:
     size_bytes: int
 
 
-def deliver(path: Path, *, mode: str, job_id: str, mime: str, return_data_uri: bool = False) -> Delivered:
+@dataclass
+class InlineBudget:
+    """The base64 text one answer may carry inline, shared by every result and picture of a job.
+
+    limit: results are inlined only while `used` stays below it (SEEDVR_BASE64_LIMIT_BYTES).
+    result_copies: how many times the answer carries a result's text (2 when `videos` repeats `media`); a
+    before/after picture is carried once.
+    """
+
+    limit: int
+    result_copies: int = 1
+    used: int = 0
+
+    @classmethod
+    def from_settings(cls, result_copies: int = 1) -> "InlineBudget":
+        return cls(settings.current().base64_limit_bytes, result_copies)
+
+    def fits(self, text_bytes: int) -> bool:
+        return self.used + text_bytes < self.limit
+
+
+def inline_bytes(file_bytes: int, mime: str | None = None) -> int:
+    """The length of a file's base64 text: standard padded base64, after a `data:<mime>;base64,` prefix when
+    `mime` is given (the bytes the answer carries; the text is ASCII, one byte a character)."""
+    prefix = len(f"data:{mime};base64,") if mime else 0
+    return prefix + 4 * ((file_bytes + 2) // 3)
+
+
+def inline_forced(spec: DeliverySpec, bucket: settings.Bucket | None) -> bool:
+    """Whether every result must travel inside the answer: "base64", or "auto" on a worker without a bucket."""
+    return spec.mode == "base64" or (spec.mode == "auto" and bucket is None)
+
+
+def deliver(path: Path, *, mode: str, job_id: str, mime: str, return_data_uri: bool = False,
+            budget: InlineBudget | None = None, copies: int = 1, what: str = "the result",
+            smaller: str = "a lower res_h/res_w or scale") -> Delivered:
     """Deliver the file at `path` as base64 ("base64"), as a bucket URL ("url"), or by size ("auto").
 
-    "auto" inlines the result when its encoded form is below the base64 limit
-    (setting `SEEDVR_BASE64_LIMIT_BYTES`, default 15 MB) and uploads it otherwise.
+    A result goes inline while its text, counted `copies` times (see InlineBudget), fits `budget` (by default
+    a budget of its own); "auto" uploads one that does not fit. OUTPUT_TOO_LARGE when it must be inline and does not
+    fit: the message names it (`what`, e.g. "the restored video of media[1]") and how to make it `smaller`.
     """
     if mode not in MODES:
         raise RestoreError(INVALID_INPUT, f"output_delivery must be one of {', '.join(MODES)}; got {mode!r}")
     path = Path(path)
     size = path.stat().st_size
-    prefix = f"data:{mime};base64," if return_data_uri else ""
     worker = settings.current()
-    if mode == "base64" or (mode == "auto" and len(prefix) + _base64_length(size) < worker.base64_limit_bytes):
+    budget = InlineBudget(worker.base64_limit_bytes) if budget is None else budget
+    text_bytes = copies * inline_bytes(size, mime if return_data_uri else None)
+    if mode != "url" and budget.fits(text_bytes):
         value = encode_file_base64(path, mime if return_data_uri else None)
+        budget.used += text_bytes
         return Delivered(kind="base64", value=value, size_bytes=size)
-
+    if inline_forced(DeliverySpec(mode, return_data_uri), worker.bucket):
+        raise _too_large(what, size, text_bytes, copies, budget, mode, worker.bucket, smaller)
     if worker.bucket is None:
-        reason = ("output_delivery 'url' needs an S3-compatible bucket" if mode == "url" else
-                  f"the result ({size} bytes) is too large to return inline, so it must go to a bucket")
-        raise RestoreError(INVALID_INPUT, f"{reason}, but the worker has none configured: set the environment "
-                                          f"variables {', '.join(settings.BUCKET_VARIABLES)}")
+        raise RestoreError(INVALID_INPUT, "output_delivery 'url' needs an S3-compatible bucket, but the worker has "
+                                          f"none configured: set the environment variables "
+                                          f"{', '.join(settings.BUCKET_VARIABLES)}")
     return Delivered(kind="url", value=_upload(path, worker.bucket, job_id=job_id, mime=mime), size_bytes=size)
 
 
-def _base64_length(size: int) -> int:
-    return 4 * ((size + 2) // 3)
+def _too_large(what: str, size: int, text_bytes: int, copies: int, budget: InlineBudget, mode: str,
+               bucket: settings.Bucket | None, smaller: str) -> RestoreError:
+    """OUTPUT_TOO_LARGE with every size in bytes of base64, as the limit is, and the ways out."""
+    twice = f", counted {copies} times as the answer repeats it in `videos`" if copies > 1 else ""
+    before = f", on top of {budget.used} bytes already inline for earlier results" if budget.used else ""
+    return RestoreError(OUTPUT_TOO_LARGE,
+                        f"{what} is {text_bytes} bytes of base64 (a {size}-byte file{twice}){before}; an answer "
+                        f"carries results inline only below {budget.limit} bytes of base64 "
+                        f"(SEEDVR_BASE64_LIMIT_BYTES): {_way_out(mode, bucket)}, or ask for a smaller result "
+                        f"({smaller})")
 
+
+def _way_out(mode: str, bucket: settings.Bucket | None) -> str:
+    if bucket is None:
+        return (f"configure a bucket ({', '.join(settings.BUCKET_VARIABLES)}) so that output_delivery \"auto\" "
+                "or \"url\" returns a URL")
+    return f"send output_delivery \"auto\" or \"url\" instead of {mode!r} to get a URL from the bucket"
+
+
+def inline_risk(least_bytes: int, spec: DeliverySpec, budget: InlineBudget, bucket: settings.Bucket | None,
+                smaller: str) -> str | None:
+    """A warning when results that must be inline will surely not fit: `least_bytes` is a low estimate of their
+    base64 text, counted as InlineBudget counts (copies and data-URI prefixes included). None when they may fit
+    or need not be inline."""
+    if not inline_forced(spec, bucket) or budget.fits(least_bytes):
+        return None
+    return (f"the results will not fit in the answer: they come to at least {least_bytes} bytes of base64 (a low "
+            f"estimate from their size, frames and encoding), and an answer carries results inline only below "
+            f"{budget.limit} bytes of base64 (SEEDVR_BASE64_LIMIT_BYTES), so the job will most likely end in "
+            f"OUTPUT_TOO_LARGE after the work; cancel it and {_way_out(spec.mode, bucket)}, or ask for a smaller "
+            f"result ({smaller})")
 
 
 def object_key(job_id: str, path: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from seedvr.io.media.fetch import fetch_url
 from seedvr.io.media.image import DecodedImage, read_image
 from seedvr.io.media.payload import ANIMATABLE_MIMES, SNIFF_BYTES, MediaKind, check_forced_type, decode_base64, sniff_media
-from seedvr.io.media.video import VideoInfo, probe_video
+from seedvr.io.media.video import VideoInfo, probe_video, select_part
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,10 @@ class MediaSpec:
     field: str  # "media", "media_url", or the legacy "video" / "image"
     values: tuple[str, ...]
     media_type: str = "auto"  # "auto" | "video" | "image"
+    deinterlace: str = "auto"  # "auto" | "on" | "off": see seedvr.io.media.video
+    deinterlace_rate: str = "frame"  # "frame" | "field"
+    start_time: float | None = None  # videos: restore only from here (seconds) ...
+    duration: float | None = None  # ... for this long; None: to the end
 
 
 @dataclass
@@ -52,20 +56,21 @@ def _sniff_file(path: Path) -> MediaKind:
     return kind
 
 
-def _probe(index: int, field: str, path: Path, kind: str) -> InputItem:
+def _probe(index: int, field: str, path: Path, kind: str, media: MediaSpec) -> InputItem:
     if kind == "image":
         image = read_image(path, field=field)
         return InputItem(index, field, "image", path, image.width, image.height, 1, image=image)
-    info = probe_video(path, field=field)
+    info = probe_video(path, field=field, deinterlace=media.deinterlace, deinterlace_rate=media.deinterlace_rate)
+    info = select_part(info, media.start_time, media.duration, field)
     return InputItem(index, field, "video", path, info.width, info.height, info.frame_count, video=info)
 
 
-def local_input(path: Path, media_type: str = "auto", index: int = 0) -> InputItem:
-    """A file on this machine (the command line's inputs)."""
+def local_input(path: Path, media: MediaSpec, index: int = 0) -> InputItem:
+    """A file on this machine (the command line's inputs); `media` gives the forced type and decode options."""
     field = str(path)
     kind = _sniff_file(path)
-    check_forced_type(kind, media_type)
-    return _probe(index, field, path, kind.kind)
+    check_forced_type(kind, media.media_type)
+    return _probe(index, field, path, kind.kind, media)
 
 
 def gather_inputs(media: MediaSpec, workdir: Path) -> list[InputItem]:
@@ -84,5 +89,5 @@ def gather_inputs(media: MediaSpec, workdir: Path) -> list[InputItem]:
             path.write_bytes(data)
             del data
         check_forced_type(kind, media.media_type)
-        items.append(_probe(index, field, path, kind.kind))
+        items.append(_probe(index, field, path, kind.kind, media))
     return items

@@ -3,8 +3,15 @@
 A restore answer names the model that ran, the media (inline base64 in `media`, or `media_urls`), the
 legacy `videos` alias when every item is a video, and `processing_info` (the sampling options, and per item
 its plan, retries and timings).
+
+`warnings`: a list of strings, present only when there is one (a client may test `answer.get("warnings")`).
+It is where every warning of a restore job goes: those known before the work (seedvr.serving.early_warnings:
+an answer that will not fit inline, transparency the output format drops), which progress updates carry too.
+The one exception is older than the list: random weights are still announced as `random_weights: true` and
+the single string `warning`, as they always were (and in the initialize answer).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from seedvr.io.delivery import Delivered
@@ -54,12 +61,19 @@ def initialize_answer(model: LoadedModel) -> dict:
     }
 
 
+def result_copies(kinds: Sequence[str]) -> int:
+    """How many times a restore answer carries each result: twice when every item is a video (`media` and its
+    legacy alias `videos`, the same list serialised twice), else once. Inline text counts that many times."""
+    return 2 if set(kinds) == {"video"} else 1
+
+
 def _delivered(result: ItemResult) -> Delivered:
     assert result.delivered is not None, "every item is delivered before the answer"
     return result.delivered
 
 
-def restore_answer(spec: RestoreSpec, model: LoadedModel, results: list[ItemResult], total_s: float) -> dict:
+def restore_answer(spec: RestoreSpec, model: LoadedModel, results: list[ItemResult], total_s: float,
+                   warnings: Sequence[str] = ()) -> dict:
     kinds = [result.kind for result in results]
     delivered = [_delivered(result) for result in results]
     answer: dict = {
@@ -71,7 +85,7 @@ def restore_answer(spec: RestoreSpec, model: LoadedModel, results: list[ItemResu
     }
     if any(d.kind == "url" for d in delivered):
         answer["media_urls"] = [d.value if d.kind == "url" else None for d in delivered]
-    if set(kinds) == {"video"}:
+    if result_copies(kinds) == 2:
         answer["videos"] = answer["media"]  # the contract's legacy name
     if len(results) > 1:
         answer["media_types"] = kinds
@@ -88,6 +102,7 @@ def restore_answer(spec: RestoreSpec, model: LoadedModel, results: list[ItemResu
         "attention_backend": model.restorer.attention_backend,
         "compile": model.restorer.compiled,
         "color_fix": sampling.color_fix,
+        "cond_noise_scale": sampling.cond_noise_scale,
         "preset": spec.preset,
     }
     if len(results) == 1:
@@ -97,5 +112,7 @@ def restore_answer(spec: RestoreSpec, model: LoadedModel, results: list[ItemResu
         info["items"] = [result.info for result in results]
         info["timings"] = {"total": round(total_s, 4)}
     answer["processing_info"] = info
+    if warnings:
+        answer["warnings"] = list(warnings)
     answer.update(_random_weights(model))
     return answer

@@ -25,11 +25,14 @@ from seedvr.engine import chunking, memory_plan
 from seedvr.engine.restorer import RestoreInterrupted
 from seedvr.engine.sizing import ItemSize, item_size
 from seedvr.errors import OUT_OF_MEMORY, RestoreError, WorkerFault
+from seedvr.io.delivery import InlineBudget
 from seedvr.io.inputs import InputItem, gather_inputs
+from seedvr.io.media.hardware_decode import decoder_name
 from seedvr.io.media.video import iter_frames
 from seedvr.io.outputs import OutputFile, deliver_output, video_writer, write_comparison, write_restored_image
-from seedvr.serving.answer import ItemResult, initialize_answer, restore_answer
+from seedvr.serving.answer import ItemResult, initialize_answer, restore_answer, result_copies
 from seedvr.serving.cancel import CancelToken
+from seedvr.serving.early_warnings import early_warnings
 from seedvr.serving.model_holder import LoadedModel, ModelHolder
 from seedvr.serving.overlap import WriteBehind, read_ahead
 from seedvr.serving.progress import Progress, ProgressSink
@@ -76,7 +79,9 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
         try:
             items = gather_inputs(spec.media, workdir)
             sizes = sizes_of(spec, items)
-            progress = Progress(sum(item.frame_count for item in items), context.progress_sink)
+            warnings = early_warnings(spec, items, sizes)  # sent with every progress update, and answered
+            progress = Progress(sum(item.frame_count for item in items), context.progress_sink, warnings)
+            inline_budget = InlineBudget.from_settings(result_copies([item.kind for item in items]))
             cancel.check()
             progress.phase("load_model")
 
@@ -87,7 +92,7 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
                     for item, size in zip(items, sizes):
                         cancel.check()
                         result = restore_item(model, spec, item, size, workdir, progress, cancel)
-                        results.append(deliver(spec, result, context.job_id, progress))
+                        results.append(deliver(spec, result, context.job_id, progress, inline_budget))
                     return model, results
 
             done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
@@ -100,7 +105,7 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
             raise RestoreError(OUT_OF_MEMORY, "the GPU ran out of memory for this input; lower res_h/res_w, send "
                                               "a shorter clip or use seedvr2_3b")
         model, results = done
-    return restore_answer(spec, model, results, time.perf_counter() - started)
+    return restore_answer(spec, model, results, time.perf_counter() - started, warnings)
 
 
 def _decoded(item: InputItem) -> Generator[np.ndarray, None, None]:
@@ -163,7 +168,9 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
         restored = chunking.restore_clip(
             restorer, decoded, item.frame_count, size,
             chunk_frames=plan.chunk_frames, overlap=plan.chunk_overlap, sampling=spec.sampling, timings=timings,
-            on_phase=on_phase, on_chunk=on_chunk)
+            on_phase=on_phase, on_chunk=on_chunk,
+            first_frame=part.first if (part := item.video and item.video.part) else 0,
+            video_frames=part.total if part else None)
         if item.kind == "image":
             (after,) = restored
             progress.phase("encode")
@@ -194,7 +201,7 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
                 started = time.perf_counter()
             timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started  # flush, mux audio
     assert after is not None, "the middle frame was restored"
-    comparison = write_comparison(before[0], after, item.index, workdir) if spec.compare else None
+    comparison = write_comparison(before[0], after, item, workdir) if spec.compare else None
     return output, comparison
 
 
@@ -268,16 +275,22 @@ def _restore_planned(model: LoadedModel, spec: RestoreSpec, item: InputItem, siz
                      "memory_budget_bytes": budget, "fits": guess.peak <= budget},
             "retries": retries,
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()}}
-    if item.fps is not None:
-        info["fps"] = str(item.fps)
+    if item.video is not None:
+        info.update(item.video.describe())
+        info["decoder"] = decoder_name(item.video.codec)
+    if output.encoder is not None:
+        info["encoder"] = output.encoder
     return ItemResult(item.kind, size.width, size.height, output, comparison, info)
 
 
-def deliver(spec: RestoreSpec, result: ItemResult, job_id: str, progress: Progress) -> ItemResult:
+def deliver(spec: RestoreSpec, result: ItemResult, job_id: str, progress: Progress,
+            inline_budget: InlineBudget) -> ItemResult:
+    """The item's result and before/after picture, inline while they fit the answer's budget, else uploaded."""
     progress.phase("deliver")
     started = time.perf_counter()
-    result.delivered = deliver_output(spec.delivery, result.output, job_id)
+    result.delivered = deliver_output(spec.delivery, result.output, job_id, inline_budget,
+                                      copies=inline_budget.result_copies)
     if result.comparison is not None:
-        result.compared = deliver_output(spec.delivery, result.comparison, job_id)
+        result.compared = deliver_output(spec.delivery, result.comparison, job_id, inline_budget)
     result.info["timings"]["deliver"] = round(time.perf_counter() - started, 4)
     return result

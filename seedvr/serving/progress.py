@@ -1,15 +1,17 @@
-"""Progress of a job: {phase, frames_done, frames_total, percent, eta_s}.
+"""Progress of a job: {phase, frames_done, frames_total, percent, eta_s}, and `warnings` when it has any.
 
 On RunPod the updates go through `runpod.serverless.progress_update` (which
 posts to the URL in RUNPOD_WEBHOOK_POST_OUTPUT); the command line gives its own
 sink (a progress bar). Updates within a phase are throttled; a new phase is
-always reported.
+always reported. The job's early warnings (seedvr.serving.early_warnings) ride on
+every update from the first: `/status` shows only the latest one, and a client
+that sees them can cancel the job before the work is spent.
 """
 
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import runpod
 
@@ -27,8 +29,9 @@ def runpod_sink(job: dict) -> ProgressSink | None:
 
 
 class Progress:
-    def __init__(self, frames_total: int, sink: ProgressSink | None):
+    def __init__(self, frames_total: int, sink: ProgressSink | None, warnings: Sequence[str] = ()):
         self.frames_total = max(frames_total, 1)
+        self.warnings = list(warnings)
         self.frames_done = 0
         self.sink = sink
         self.phase_name: str | None = None
@@ -47,8 +50,11 @@ class Progress:
         elapsed = time.monotonic() - self.started
         done = self.frames_done
         eta = round(elapsed / done * (self.frames_total - done), 1) if done else None
-        return {"phase": self.phase_name, "frames_done": done, "frames_total": self.frames_total,
-                "percent": round(100.0 * done / self.frames_total, 1), "eta_s": eta}
+        update: dict = {"phase": self.phase_name, "frames_done": done, "frames_total": self.frames_total,
+                        "percent": round(100.0 * done / self.frames_total, 1), "eta_s": eta}
+        if self.warnings:
+            update["warnings"] = list(self.warnings)
+        return update
 
     def _send(self, force: bool) -> None:
         now = time.monotonic()

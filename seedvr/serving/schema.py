@@ -22,7 +22,7 @@ from typing import Any, ClassVar, get_args
 from seedvr import settings
 from seedvr.engine.colorfix import METHODS as COLOR_FIXES
 from seedvr.errors import INVALID_INPUT, RestoreError, excerpt
-from seedvr.io.media.encoders import CODECS, CONTAINERS, PIXEL_FORMATS, container_for, crf_range
+from seedvr.io.media.encoders import CODECS, CONTAINERS, PIXEL_FORMATS, container_for, crf_problem
 from seedvr.models.attention import BACKENDS as ATTENTION_BACKENDS
 from seedvr.models.registry import MAX_HEADS, MODEL_TYPES, VARIANTS, sp_size_problem, variant_problem
 
@@ -30,6 +30,9 @@ ACTIONS = ("health", "initialize", "restore")
 MEDIA_FIELDS = ("media", "video", "image")  # `video` and `image` are the legacy names
 MEDIA_TYPES = ("auto", "video", "image")
 MAX_ITEMS = 16  # media items in one job (a list in `media` or `media_url`)
+MAX_SECONDS = 86400.0  # start_time / duration: a day of video
+DEINTERLACE_MODES = ("auto", "on", "off")
+DEINTERLACE_RATES = ("frame", "field")
 PRESETS = {  # preset -> (model_type, (res_h, res_w)); explicit fields win over the preset
     "fast": ("seedvr2_3b", (480, 854)),
     "balanced": ("seedvr2_3b", (1280, 720)),
@@ -231,10 +234,7 @@ def scale_or_resolution(scale: float | None, res_h: int | None, res_w: int | Non
 
 
 def crf_in_codec_range(codec: str, crf: int | None) -> str | None:
-    low, high = crf_range(codec)
-    if crf is None or low <= crf <= high:
-        return None
-    return f"crf for {codec} must be between {low} and {high}, got {crf}"
+    return crf_problem(codec, crf)
 
 
 def container_holds_codec(codec: str, container: str | None) -> str | None:
@@ -324,6 +324,17 @@ class RestoreRequest(ModelOptions):
         None, Strings(MAX_ITEMS), "http(s) URL(s) of the input instead of base64 (for inputs over RunPod's "
                                   "10/20 MB request limit)", in_repr=False)
     media_type: str = option("auto", Choice(MEDIA_TYPES), "what the media is; auto = detect from the bytes")
+    start_time: float | None = option(None, Number(0.0, MAX_SECONDS),
+                                      "videos: restore only from this many seconds in (a preview, to judge settings "
+                                      "before paying for the whole clip); the audio is cut to match")
+    duration: float | None = option(None, Number(0.001, MAX_SECONDS),
+                                    "videos: restore only this many seconds (from start_time); null = to the end")
+    deinterlace: str = option("auto", Choice(DEINTERLACE_MODES),
+                              "interlaced video (VHS, DVD, camcorder): auto = deinterlace (bwdif) when ffmpeg's "
+                              "idet finds interlacing in the first 2 s; on = always; off = never")
+    deinterlace_rate: str = option("frame", Choice(DEINTERLACE_RATES),
+                                   "frame = one frame per interlaced frame; field = one per field (twice the frames "
+                                   "and the frame rate, smoother motion)")
     # What to make
     preset: str | None = option(None, Choice(tuple(PRESETS)),
                                 "fast = 3B at 854x480 area, balanced = 3B at 1280x720, quality = 7B at 1920x1080; "
@@ -343,16 +354,25 @@ class RestoreRequest(ModelOptions):
     cfg_rescale: float = option(0.0, Number(0.0, 1.0), "guidance rescale factor")
     sample_steps: int = option(1, Integer(1, 50), "diffusion steps; SeedVR2 is trained for 1")
     color_fix: str = option("wavelet", Choice(COLOR_FIXES), "match the output colours to the input")
+    cond_noise_scale: float = option(
+        0.0, Number(0.0, 1.0), "restoration strength: noise mixed into the input's latent before the DiT (SeedVR2's "
+                               "condition noise); 0 = the official output, higher = trusts the input less and "
+                               "generates more detail (for heavily degraded input; can invent detail on clean input)")
     # How to return it
     output_delivery: str = option("auto", Choice(DELIVERIES),
                                   "auto = base64 under 15 MB else an S3 URL (needs BUCKET_* env); base64; url")
     return_data_uri: bool = option(False, Boolean(), "base64 results as data URIs (data:video/mp4;base64,...)")
     compare: bool = option(False, Boolean(), "also return a side-by-side before/after PNG (a video's middle frame)")
-    codec: str = option("h264", Choice(tuple(CODECS)), "video codec (NVENC when the GPU offers it)")
+    codec: str = option("h264", Choice(tuple(CODECS)), "video codec (NVENC when the GPU offers it); prores = "
+                                                       "ProRes 422 HQ (4444 for the yuv444 pix_fmts), ffv1 = "
+                                                       "lossless FFV1")
     crf: int | None = option(None, Integer(0, 63), "video quality, lower = better; null = the codec's default "
-                                                   "(h264 18, h265 20, vp9 30, av1 30)")
-    pix_fmt: str = option("yuv420p", Choice(PIXEL_FORMATS), "video pixel format (10-bit: yuv420p10le)")
-    container: str | None = option(None, Choice(tuple(CONTAINERS)), "video container; null = mp4 (webm for vp9)")
+                                                   "(h264 18, h265 20, vp9 30, av1 30); prores and ffv1 take none")
+    pix_fmt: str = option("yuv420p", Choice(PIXEL_FORMATS),
+                          "video pixel format (10-bit: yuv420p10le; no chroma loss: yuv444p, yuv444p10le); "
+                          "prores stores yuv422p10le or yuv444p10le")
+    container: str | None = option(None, Choice(tuple(CONTAINERS)),
+                                   "video container; null = mp4 (webm for vp9, mov for prores, mkv for ffv1)")
     format: str = option("png", Choice(IMAGE_FORMATS), "image output format")
     quality: int = option(95, Integer(1, 100), "jpeg/webp quality")
     # Memory and long clips; null = the worker's memory plan chooses (processing_info.plan says what it chose)

@@ -61,13 +61,14 @@ def restore_spec(request: RestoreRequest) -> RestoreSpec:
         assert request.res_h is not None and request.res_w is not None, "the defaults are filled in"
         size = SizeWishes(request.res_h, request.res_w, max_resolution=max_resolution)
     return RestoreSpec(
-        media=MediaSpec(request.media_field or "media", request.media_values, request.media_type),  # the CLI: no media
+        media=MediaSpec(request.media_field or "media", request.media_values, request.media_type,  # the CLI: no media
+                        request.deinterlace, request.deinterlace_rate, request.start_time, request.duration),
         model=model_choice(request),
         size=size,
         memory=Wishes(request.chunk_frames, request.chunk_overlap, request.vae_tiling, request.vae_tile_size,
                       request.dit_offload),
         sampling=Sampling(request.seed, request.cfg_scale, request.cfg_rescale, request.sample_steps,
-                          request.color_fix),
+                          request.color_fix, request.cond_noise_scale),
         video=VideoEncoding(request.codec, request.crf, request.pix_fmt, request.container),
         image=ImageEncoding(request.format, request.quality),
         delivery=DeliverySpec(request.output_delivery, request.return_data_uri),

@@ -124,11 +124,13 @@ class SequenceParallelGroup:
 
     def restore(self, frames: Frames, *, res_h: int, res_w: int, sampling: Sampling = Sampling(),
                 eps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                aug_noise: torch.Tensor | None = None, clip_latent_frames: int | None = None,
                 timings: dict[str, float] | None = None, stages: dict[str, torch.Tensor] | None = None,
                 on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
         """As `SeedVR2.restore`: uint8 (f, H, W, 3) frames -> restored uint8 (f, Hc, Wc, 3), run by every rank."""
         array = np.ascontiguousarray(frames.numpy() if isinstance(frames, torch.Tensor) else frames)
-        options = dict(res_h=res_h, res_w=res_w, sampling=sampling, eps=eps, noise=noise)
+        options = dict(res_h=res_h, res_w=res_w, sampling=sampling, eps=eps, noise=noise, aug_noise=aug_noise,
+                       clip_latent_frames=clip_latent_frames)
         body = (array, wire.pack(options), stages is not None, on_phase is not None)
         restored, rank_timings, rank_stages = self._job("restore", body, on_phase)[0]
         if timings is not None:

@@ -8,6 +8,10 @@ Prints one line per compared tensor (or manifest key group) and a last line `par
 exits 0 only if nothing failed. Everything runs on CPU in float32, as the goldens were made.
 max_rel is max |ours − golden| / max |golden|.
 
+The reference data is not in the repository: it is the folder `shared/reference/` next to the checkout
+(`../shared/reference/` from the repository root), with golden/<case>/ and manifests/<name>.tsv. A target
+that is not there ends the run with a message saying so (exit status 2).
+
 `--dtype bfloat16` runs a pipeline case under the GPU's dtype policy, on the CPU (bf16 Linear layers with
 float32 norms, rope and modulation; a bf16 VAE), with the golden's posterior eps and x_T noise injected (a bf16
 draw need not follow the float32 stream), and compares only `final_uint8`: its PSNR must reach BF16_MIN_PSNR_DB.
@@ -51,6 +55,8 @@ DIT_CLASSES: dict[str, type[NaDiT3B | NaDiT7B]] = {"dit3b_tiny": NaDiT3B, "dit7b
 BF16_QKV_FLAG = "round_qkv_to_bf16"  # model attribute that keeps the official bf16 cast of q, k, v
 # manifest stem -> (config folder, config section)
 MANIFEST_MODELS = {"dit_3b": ("seedvr2_3b", "dit"), "dit_7b": ("seedvr2_7b", "dit"), "vae": ("seedvr2_3b", "vae")}
+# Where the reference data lives in this workplace: shared/reference/ beside the repository (seedvr/tools/ -> root).
+SHARED_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 
 
 @dataclass
@@ -306,6 +312,32 @@ def check_manifest(tsv: Path) -> tuple[str, list[Result]]:
     return f"manifest:{tsv.stem}", results
 
 
+def target_problem(target: Path, reference: Path = SHARED_REFERENCE) -> str | None:
+    """Why `target` cannot be checked (missing, or not a case directory / manifest), saying where the reference
+    data lives and how to pass it; None when it can be."""
+    if target.suffix == ".tsv" and target.is_file():
+        return None
+    if target.is_dir() and (target / "meta.json").is_file():
+        return None
+    if target.is_dir():
+        found = f"{target} is a folder without meta.json, so not a golden case directory"
+    else:
+        found = f"{target} does not exist" + (f" (relative paths start from {Path.cwd()})" if not target.is_absolute()
+                                              else "")
+    if reference.is_dir():
+        cases = sorted(meta.parent.name for meta in reference.glob("golden/*/meta.json"))
+        manifests = sorted(tsv.name for tsv in reference.glob("manifests/*.tsv"))
+        targets = [f"golden/{case}" for case in cases] + [f"manifests/{name}" for name in manifests]
+        there = f"it is in {reference}, holding {', '.join(targets) or 'nothing to check'}"
+    else:
+        there = (f"it is not part of the repository: this workplace keeps it in shared/reference/ next to the "
+                 f"checkout ({reference}), which this machine lacks; copy that folder from the workplace, here or "
+                 f"anywhere")
+    return (f"{found}. The parity reference data (golden tensors and manifests made by the official code): "
+            f"{there}. Pass a case directory or a manifest from it, e.g. python -m seedvr.parity "
+            f"{reference}/golden/pipeline_tiny")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seedvr.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", type=Path, help="a golden case directory or a manifest .tsv")
@@ -316,11 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     if dtype != torch.float32 and args.target.suffix == ".tsv":
         parser.error("--dtype applies to pipeline golden cases, not to manifests")
+    problem = target_problem(args.target)
+    if problem:
+        parser.error(problem)
 
     try:
         case, results = check_manifest(args.target) if args.target.suffix == ".tsv" else check_case(args.target, dtype)
     except CheckpointError as error:  # weights that do not fit the model: one failure, with the reason
         case, results = str(args.target), [Result(args.target.name, "weights", None, None, False, str(error))]
+    except ValueError as error:  # an unknown case or manifest, or a wrong --dtype for the case: the message says
+        parser.error(str(error))
     for result in results:
         print(result.line())
     passed = sum(result.passed is True for result in results)

@@ -27,6 +27,16 @@ SIZE_ITEM = re.compile(r"^(\d+)x(\d+)\b")
 RATE_ITEM = re.compile(r"^([\d.]+)(k?) (fps|tbr)$")
 ROTATION_LINE = re.compile(r"display ?matrix: rotation of (-?[\d.]+) degrees", re.IGNORECASE)
 TIME_BASE_LINE = re.compile(r"^#tb 0: (\d+)/(\d+)$")
+SAR_ITEM = re.compile(r"\[SAR (\d+):(\d+) DAR")
+IDET_LINE = re.compile(r"Multi frame detection: TFF:\s*(\d+)\s+BFF:\s*(\d+)\s+Progressive:\s*(\d+)")
+FIELD_ORDERS = {"top first": "tff", "bottom first": "bff", "top coded first (swapped)": "tff",
+                "bottom coded first (swapped)": "bff", "progressive": "progressive"}
+# ffmpeg prints one name for the matrix, primaries and transfer when their enum values are equal: the
+# matrix's name, whose value is read as primaries and transfer too (e.g. "bt470bg" = matrix bt470bg,
+# primaries bt470bg, transfer gamma28). Only the values whose names differ between the three enums are listed.
+SAME_VALUE_PRIMARIES = {"gbr": None, "fcc": "bt470m", "ycgco": "film", "bt2020nc": "bt2020", "bt2020c": "smpte428"}
+SAME_VALUE_TRANSFER = {"gbr": None, "fcc": "gamma22", "bt470bg": "gamma28", "ycgco": "linear",
+                       "bt2020nc": "log100", "bt2020c": "log316"}
 
 
 class FfmpegError(RuntimeError):
@@ -35,6 +45,16 @@ class FfmpegError(RuntimeError):
     def __init__(self, message: str, stderr_tail: str):
         super().__init__(message)
         self.stderr_tail = stderr_tail
+
+
+@dataclass(frozen=True)
+class ColorTags:
+    """A video stream's colour description as ffmpeg names it; None where the file leaves it unset."""
+
+    range: str | None = None  # "tv" (limited) | "pc" (full)
+    matrix: str | None = None  # e.g. "bt709", "smpte170m", "bt470bg", "bt2020nc"
+    primaries: str | None = None  # e.g. "bt709", "smpte170m", "bt2020"
+    transfer: str | None = None  # e.g. "bt709", "smpte170m", "smpte2084"
 
 
 @dataclass(frozen=True)
@@ -50,15 +70,29 @@ class StreamHeader:
     printed_rates: tuple[str, ...]  # the "fps" then the "tbr" value, as printed
     attached_pic: bool  # cover art stored as a one-frame video stream
     rotation: int  # display rotation in degrees, 0 when none
+    sar: Fraction = Fraction(1)  # sample (pixel) aspect ratio: a stored pixel is `sar` times as wide as high
+    color: ColorTags = ColorTags()
+    field_order: str | None = None  # "tff" | "bff" | "progressive" as the stream is flagged; None when unflagged
 
 
 @dataclass(frozen=True)
 class PacketTiming:
-    """The packets of one stream: how many, and the time they span."""
+    """The packets of one stream: how many, the time they span, and when each is shown."""
 
     count: int
     span: Fraction  # seconds from the first presentation time to the end of the last packet
     time_base: Fraction
+    starts: tuple[int, ...]  # presentation times in time_base ticks, in presentation order
+    last_duration: int  # ticks the last frame is shown
+
+
+@dataclass(frozen=True)
+class FieldCounts:
+    """What ffmpeg's `idet` filter found in the frames it looked at (multi-frame detection)."""
+
+    tff: int  # interlaced, top field first
+    bff: int  # interlaced, bottom field first
+    progressive: int
 
 
 @functools.cache
@@ -108,9 +142,10 @@ def packet_timing(path: Path, stream_index: int) -> PacketTiming:
             packets.append((int(fields[1]), int(fields[2]), int(fields[3])))  # dts, pts, duration
     if time_base is None or not packets:
         raise FfmpegError("the stream has no packets", tail(completed.stderr))
-    # Decode times are monotonic and always set by most demuxers (MPEG-PS leaves
-    # presentation times unset after the first packets); either spans the same time.
-    column = 0 if all(p[0] != NO_PTS for p in packets) else 1
+    # Presentation times say when each frame shows; decode times of a reordered (B-frame) stream only
+    # follow them on average. MPEG-PS leaves presentation times unset after the first packets: its decode
+    # times, one per frame at the frame rate, stand in for them.
+    column = 1 if all(p[1] != NO_PTS for p in packets) else 0
     starts = [p[column] for p in packets]
     if NO_PTS in starts:
         raise FfmpegError("the stream's packets carry no timestamps", tail(completed.stderr))
@@ -118,8 +153,24 @@ def packet_timing(path: Path, stream_index: int) -> PacketTiming:
     ordered = sorted(starts)
     steps = sorted(b - a for a, b in zip(ordered, ordered[1:]) if b > a)
     typical_step = steps[len(steps) // 2] if steps else 0
-    end = max(start + (p[2] if p[2] > 0 else typical_step) for start, p in zip(starts, packets))
-    return PacketTiming(len(packets), (end - min(starts)) * time_base, time_base)
+    ends = [start + (p[2] if p[2] > 0 else typical_step) for start, p in zip(starts, packets)]
+    end = max(ends)
+    return PacketTiming(len(packets), (end - ordered[0]) * time_base, time_base, tuple(ordered),
+                        end - ordered[-1])
+
+
+def field_counts(path: Path, stream_index: int, frames: int) -> FieldCounts:
+    """Run ffmpeg's interlace detector over the first `frames` frames of a video stream."""
+    command = [
+        ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", f"0:{stream_index}",
+        "-frames:v", str(frames), "-vf", "idet", "-an", "-f", "null", "-",
+    ]
+    completed = _run(command)
+    if completed.returncode != 0:
+        raise FfmpegError("ffmpeg could not look for interlacing", tail(completed.stderr))
+    # A filter graph may be built more than once (the first one sees no frames): add them up.
+    counts = [tuple(int(n) for n in match.groups()) for match in IDET_LINE.finditer(completed.stderr)]
+    return FieldCounts(*(sum(column) for column in zip((0, 0, 0), *counts)))
 
 
 def printed_rate(text: str) -> Fraction | None:
@@ -162,11 +213,14 @@ def _parse_stream(index: int, kind: str, description: str, side_data: str) -> St
     items = _top_level_items(description)
     codec = items[0].split()[0] if items and items[0] else "unknown"
     pix_fmt, width, height, rates = None, None, None, []
+    sar, color, field_order = Fraction(1), ColorTags(), None
     for position, item in enumerate(items[1:], start=1):
         if size := SIZE_ITEM.match(item):
             width, height = int(size[1]), int(size[2])
+            if (aspect := SAR_ITEM.search(item)) and int(aspect[1]) > 0 and int(aspect[2]) > 0:
+                sar = Fraction(int(aspect[1]), int(aspect[2]))
             if position >= 2:  # the item before the size is the pixel format
-                pix_fmt = items[position - 1].split("(")[0].strip() or None
+                pix_fmt, color, field_order = _pixel_format(items[position - 1])
         elif RATE_ITEM.match(item):
             rates.append(item)
     rotation = ROTATION_LINE.search(side_data)
@@ -180,7 +234,31 @@ def _parse_stream(index: int, kind: str, description: str, side_data: str) -> St
         printed_rates=tuple(sorted(rates, key=lambda r: not r.endswith("fps"))),
         attached_pic="(attached pic)" in description,
         rotation=round(float(rotation[1])) if rotation else 0,
+        sar=sar,
+        color=color,
+        field_order=field_order,
     )
+
+
+def _pixel_format(item: str) -> tuple[str | None, ColorTags, str | None]:
+    """'yuv420p(tv, bt470bg/smpte170m/bt709, top first)' -> the pixel format, its colour tags, its field order.
+
+    The parenthesis lists, each only when set: the range, the colour description (one name, or
+    matrix/primaries/transfer), the field order."""
+    name, _, details = item.partition("(")
+    color, field_order = ColorTags(), None
+    for part in (p.strip() for p in details.removesuffix(")").split(",")) if details else ():
+        if part in ("tv", "pc"):
+            color = ColorTags(part, color.matrix, color.primaries, color.transfer)
+        elif part in FIELD_ORDERS:
+            field_order = FIELD_ORDERS[part]
+        elif "/" in part:
+            matrix, primaries, transfer = (None if n == "unknown" else n for n in (part.split("/") + [""] * 3)[:3])
+            color = ColorTags(color.range, matrix, primaries, transfer)
+        elif part and part != "unknown":
+            color = ColorTags(color.range, part, SAME_VALUE_PRIMARIES.get(part, part),
+                              SAME_VALUE_TRANSFER.get(part, part))
+    return name.strip() or None, color, field_order
 
 
 def _top_level_items(description: str) -> list[str]:

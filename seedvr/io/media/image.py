@@ -104,10 +104,7 @@ def write_image(rgb: np.ndarray, alpha: np.ndarray | None, path: str | Path, for
         raise ValueError(f"rgb must be uint8 (h, w, 3), got {rgb.dtype} {rgb.shape}")
     image = Image.fromarray(rgb, "RGB")
     if alpha is not None and spec.pillow in KEEPS_ALPHA:
-        alpha_plane = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8), "L")
-        if alpha_plane.size != image.size:
-            alpha_plane = alpha_plane.resize(image.size, Image.Resampling.LANCZOS)
-        image.putalpha(alpha_plane)
+        image.putalpha(Image.fromarray(resized_alpha(alpha, image.width, image.height), "L"))
     if spec.pillow == "JPEG":
         options = {"quality": quality, "subsampling": 0}
     elif spec.pillow == "WEBP" and quality == LOSSLESS_WEBP_QUALITY:
@@ -117,6 +114,19 @@ def write_image(rgb: np.ndarray, alpha: np.ndarray | None, path: str | Path, for
     else:
         options = {}
     image.save(path, format=spec.pillow, **options)
+
+
+def resized_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (h, w) alpha plane -> (height, width), Lanczos: the plane a restored image is written with."""
+    plane = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8), "L")
+    if plane.size != (width, height):
+        plane = plane.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(plane)
+
+
+def keeps_alpha(format: str) -> bool:
+    """Whether an output format carries transparency (png, webp; jpeg does not)."""
+    return _output_format(format).pillow in KEEPS_ALPHA
 
 
 def image_mime(format: str) -> str:

@@ -4,6 +4,22 @@ The kind is decided from the bytes alone (libmagic, then the pure-Python `filety
 as a fallback, then an MPEG-TS sync-byte check that neither knows), never from a
 file name. Animated GIF, APNG and animated WebP are videos; their single-frame
 forms are images.
+
+What each sniffer says of the containers that old cameras, phones and discs write
+(libmagic 5.44, filetype 1.2), and what we answer:
+
+    file            libmagic                  filetype          answer (mime, extension)
+    WMV / ASF       video/x-ms-asf            video/x-ms-wmv    video/x-ms-asf, wmv
+    3GP             video/3gpp                video/mp4         video/3gpp, 3gp
+    3G2             video/3gpp2               video/mp4         video/3gpp2, 3g2
+    M4V (iTunes)    video/x-m4v               video/mp4         video/x-m4v, m4v
+    F4V             application/octet-stream  video/mp4         video/x-f4v, f4v
+    MTS / M2TS      application/octet-stream  -                 video/mp2t, m2ts (sync-byte check)
+    VOB / MPEG-PS   video/mpeg                video/mpeg        video/mpeg, mpg
+
+ISO base media files (mp4, m4v, 3gp, 3g2, f4v, mov with an ftyp box) are told apart
+by the major brand of their ftyp box, so that the answer is the same with or
+without libmagic; MIME_ALIASES maps filetype's other names onto libmagic's.
 """
 
 import base64
@@ -36,7 +52,9 @@ URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 # prefixes every packet with a 4-byte timecode.
 TS_SYNC_BYTE = 0x47
 TS_LAYOUTS = ((188, 0), (192, 4))  # (packet size, offset of the sync byte)
+TS_EXTENSIONS = {188: "ts", 192: "m2ts"}  # camcorders (AVCHD) name the 192-byte kind .MTS, Blu-ray .m2ts
 TS_PACKETS_TO_CHECK = 5
+ISO_FTYP = b"ftyp"  # bytes 4-8 of an ISO base media file: the type of its first box
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,17 @@ VIDEO_MIMES = {
     "video/x-flv": "flv",
     "video/mp2t": "ts",
     "video/mpeg": "mpg",
+    "video/x-ms-asf": "wmv",
+    "video/3gpp": "3gp",
+    "video/3gpp2": "3g2",
+    "video/x-f4v": "f4v",
 }
+MIME_ALIASES = {"video/x-ms-wmv": "video/x-ms-asf"}  # filetype's name -> libmagic's
+# ISO base media file format: the major brand of the ftyp box (its first 3 bytes; the 4th is a version,
+# "3gp4".."3gp6", "M4V "/"M4VH"/"M4VP") -> the MIME type. Other brands (isom, mp42, ...) keep the sniffer's answer.
+ISO_MIMES = {"video/mp4", "video/x-m4v", "video/3gpp", "video/3gpp2", "video/x-f4v", "video/quicktime"}
+ISO_BRANDS = {b"3gp": "video/3gpp", b"3g2": "video/3gpp2", b"M4V": "video/x-m4v", b"f4v": "video/x-f4v",
+              b"qt ": "video/quicktime"}
 IMAGE_MIMES = {
     "image/png": "png",
     "image/apng": "png",
@@ -71,8 +99,8 @@ IMAGE_MIMES = {
 }
 ANIMATABLE_MIMES = {"image/gif", "image/apng", "image/png", "image/webp"}
 ACCEPTED = (
-    "videos: mp4, mov, mkv, webm, avi, flv, mpeg-ts, mpeg, animated gif/png/webp; "
-    "images: png, jpeg, webp, bmp, tiff, gif"
+    "videos: mp4, m4v, mov, 3gp, 3g2, f4v, mkv, webm, avi, wmv/asf, flv, mpeg-ts/m2ts/mts, mpeg-ps/vob, "
+    "animated gif/png/webp; images: png, jpeg, webp, bmp, tiff, gif"
 )
 
 
@@ -151,14 +179,16 @@ def sniff_media(data: bytes | bytearray) -> MediaKind:
     """What the bytes are, from their content; UNSUPPORTED_MEDIA for anything else."""
     head = bytes(data[:SNIFF_BYTES])
     for mime in _candidate_mimes(head):
+        if mime in ISO_MIMES:
+            mime = _iso_brand_mime(head) or mime
         if mime in ANIMATABLE_MIMES:
             return _animated_kind(data, mime)
         if mime in VIDEO_MIMES:
             return MediaKind("video", mime, VIDEO_MIMES[mime])
         if mime in IMAGE_MIMES:
             return MediaKind("image", mime, IMAGE_MIMES[mime])
-    if _is_mpeg_ts(head):
-        return MediaKind("video", "video/mp2t", "ts")
+    if (packet_size := _mpeg_ts_packet_size(head)) is not None:
+        return MediaKind("video", "video/mp2t", TS_EXTENSIONS[packet_size])
     found = next(iter(_candidate_mimes(head)), "unknown")
     raise RestoreError(
         UNSUPPORTED_MEDIA, f"the media is {found}, which is not supported; send one of {ACCEPTED}"
@@ -197,7 +227,13 @@ def _candidate_mimes(head: bytes) -> list[str]:
     guess = filetype.guess(head)
     if guess is not None:
         mimes.append(guess.mime.lower())
-    return list(dict.fromkeys(mimes))
+    return list(dict.fromkeys(MIME_ALIASES.get(mime, mime) for mime in mimes))
+
+
+def _iso_brand_mime(head: bytes) -> str | None:
+    """The MIME type an ISO base media file's major brand names; None for an unlisted brand or without
+    an ftyp box (an old QuickTime file starts with another box)."""
+    return ISO_BRANDS.get(head[8:11]) if head[4:8] == ISO_FTYP else None
 
 
 def _animated_kind(data: bytes | bytearray, mime: str) -> MediaKind:
@@ -215,9 +251,11 @@ def _animated_kind(data: bytes | bytearray, mime: str) -> MediaKind:
     return MediaKind("video", "image/apng" if extension == "png" else mime, extension)
 
 
-def _is_mpeg_ts(head: bytes) -> bool:
+def _mpeg_ts_packet_size(head: bytes) -> int | None:
+    """188 (MPEG-TS) or 192 (M2TS: a 4-byte timecode before each packet) when the first packets start
+    with the sync byte; None for anything else."""
     for packet_size, offset in TS_LAYOUTS:
         positions = range(offset, offset + packet_size * TS_PACKETS_TO_CHECK, packet_size)
         if len(head) > positions[-1] and all(head[p] == TS_SYNC_BYTE for p in positions):
-            return True
-    return False
+            return packet_size
+    return None
