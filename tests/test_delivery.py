@@ -265,3 +265,20 @@ def test_inline_risk_warns_only_where_results_must_be_inline(mode, bucket, warne
     if warned:
         assert "at least 1000 bytes of base64" in warning and "below 1000 bytes of base64" in warning
         assert "OUTPUT_TOO_LARGE" in warning and "(a higher crf)" in warning
+
+
+def test_inline_results_stay_out_of_the_sdks_debug_lines_but_not_out_of_the_json(tmp_path):
+    """runpod's rp_job.run_job formats the whole answer into two debug f-strings, even with debug off: a base64
+    result must not be copied (or logged) there, yet serialise whole."""
+    import json
+
+    from seedvr.io.media.payload import encode_file_base64
+
+    path = tmp_path / "result.bin"
+    path.write_bytes(os.urandom(30_000))
+    text = encode_file_base64(path, "video/mp4")
+    answer = {"media": [text], "videos": [text]}
+    line = f"Handler output: {answer}"
+    assert len(line) < 200 and "base64" in line and text[40:80] not in line
+    assert json.loads(json.dumps(answer))["media"][0] == text == "data:video/mp4;base64," + base64.b64encode(
+        path.read_bytes()).decode()

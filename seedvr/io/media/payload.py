@@ -159,7 +159,18 @@ def decode_base64(value: object, field: str, *, max_bytes: int | None = None) ->
     return decoded
 
 
-def encode_file_base64(path: str | Path, mime: str | None = None) -> str:
+class InlineBase64(str):
+    """Base64 text of a result, as the answer carries it. Its repr is a short placeholder: the runpod SDK
+    formats the whole answer into debug log lines (`rp_job.run_job`, even with debug logging off), which would
+    otherwise copy the text twice more, and log it; JSON still serialises the text itself."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} characters of base64>"
+
+
+def encode_file_base64(path: str | Path, mime: str | None = None) -> InlineBase64:
     """A file as standard padded base64 text (a data URI when `mime` is given), read in chunks into one
     buffer: the file's bytes are never held whole, so the peak is the text twice (buffer, then str)."""
     prefix = f"data:{mime};base64,".encode("ascii") if mime else b""
@@ -172,7 +183,9 @@ def encode_file_base64(path: str | Path, mime: str | None = None) -> str:
             encoded = base64.b64encode(chunk)
             text[position:position + len(encoded)] = encoded
             position += len(encoded)
-    return text.decode("ascii")
+    decoded = text.decode("ascii")
+    del text  # before the subclass copies the text: still twice the text at the peak, never three times
+    return InlineBase64(decoded)
 
 
 def sniff_media(data: bytes | bytearray) -> MediaKind:
