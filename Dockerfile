@@ -8,10 +8,11 @@
 #   docker build --build-arg INSTALL_FLASH_ATTN=1 -t seedvr-worker .
 #       adds flash-attn, compiled in a CUDA devel stage (long: set MAX_JOBS to the cores you have)
 #
-# Every Python pin comes from pyproject.toml. torch is installed first, from the PyTorch index of
-# CUDA_VERSION (12.8.1 -> cu128); the pinned dependencies installed next keep that build.
+# Every Python pin comes from pyproject.toml. torch and torchvision are installed first, from the PyTorch
+# index of CUDA_VERSION (13.0.1 -> cu130, the build PyPI serves for torch 2.14.1; the driver must support
+# CUDA 13.0); the pinned dependencies installed next keep that build.
 
-ARG CUDA_VERSION=12.8.1
+ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04
 ARG INSTALL_FLASH_ATTN=0
 
@@ -29,7 +30,7 @@ RUN python -c 'import functools, operator, sys, tomllib; print("\n".join(functoo
         dependencies > /opt/requirements.txt \
     && python -c 'import functools, operator, sys, tomllib; print("\n".join(functools.reduce(operator.getitem, sys.argv[1:], tomllib.load(open("pyproject.toml", "rb"))["project"])))' \
         optional-dependencies flash > /opt/requirements-flash.txt \
-    && pip install "$(grep '^torch==' /opt/requirements.txt)" \
+    && pip install "$(grep '^torch==' /opt/requirements.txt)" "$(grep '^torchvision==' /opt/requirements.txt)" \
         --index-url "https://download.pytorch.org/whl/cu$(echo "$CUDA_VERSION" | cut -d. -f1,2 | tr -d .)" \
     && pip install -r /opt/requirements.txt
 

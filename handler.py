@@ -4,8 +4,10 @@
     python handler.py --rp_serve_api --rp_api_port 8000 # local API server (/run, /runsync)
 
 The settings and the machine are checked before the first job (seedvr.serving.fitness): a bad setting
-stops the worker at start. Every failure of a job is answered as {"error": "<CODE>: <message>"}; the
-traceback goes to the log only, and the worker keeps serving.
+stops the worker at start. With SEEDVR_STREAMING=1 the handler is a generator (`stream_handler`): each job's progress
+and results come as stream events before its answer. A restore with `workers` > 1 coordinates a job spread over this
+endpoint's workers; one with `segment` is such a job's part (seedvr.serving.fanout). Every failure of a job is
+answered as {"error": "<CODE>: <message>"}; the traceback goes to the log only, and the worker keeps serving.
 """
 
 import asyncio
@@ -15,7 +17,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import runpod
@@ -25,8 +27,9 @@ from seedvr import settings
 from seedvr.engine import cuda_setup
 from seedvr.errors import INTERNAL, RestoreError, is_no_space, no_space
 from seedvr.io.media.payload import decode_base64, sniff_media
-from seedvr.serving import fitness, jobs
+from seedvr.serving import fitness, jobs, stream
 from seedvr.serving.cancel import CancelToken
+from seedvr.serving.fanout import coordinator, segment_job
 from seedvr.serving.health import health
 from seedvr.serving.logs import install, job_logging
 from seedvr.serving.model_holder import ModelHolder
@@ -57,6 +60,10 @@ def _initialize(request: Request, context: jobs.JobContext) -> dict:
 
 def _restore(request: Request, context: jobs.JobContext) -> dict:
     assert isinstance(request, RestoreRequest)
+    if request.segment is not None:  # one segment of a job spread over workers (seedvr.serving.fanout)
+        return segment_job.restore_segment(request, context, HOLDER)
+    if request.workers > 1:
+        return coordinator.restore_across_workers(request, context, HOLDER)
     return jobs.restore(request, context, HOLDER)
 
 
@@ -67,10 +74,12 @@ ACTIONS: dict[str, Callable[[Request, jobs.JobContext], dict]] = {
 }
 
 
-def serve(job: dict, cancel: CancelToken | None = None) -> dict:
-    """One job, synchronously: its answer, or {"error": "<CODE>: <message>"} (the traceback goes to the log)."""
+def serve(job: dict, cancel: CancelToken | None = None, emit: stream.Emit | None = None) -> dict:
+    """One job, synchronously: its answer, or {"error": "<CODE>: <message>"} (the traceback goes to the log).
+    emit: where a streamed job's events go (its progress and each result, seedvr.serving.stream)."""
     job_id = str(job.get("id", "local"))
-    context = jobs.JobContext(job_id, runpod_sink(job), cancel or CancelToken())
+    sink = runpod_sink(job) if emit is None else stream.progress_events(runpod_sink(job), emit)
+    context = jobs.JobContext(job_id, sink, cancel or CancelToken(), emit)
     with job_logging(job_id):
         try:
             request = parse_request(job.get("input"))
@@ -115,6 +124,23 @@ async def handler(job: dict) -> dict:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(future), STOP_GRACE_S)
             raise
+
+
+async def stream_handler(job: dict) -> AsyncGenerator[dict, None]:
+    """`handler` as a generator, the deployment with SEEDVR_STREAMING=1: the job's events as they come, then its
+    answer (seedvr.serving.stream). Stopping works as for `handler`."""
+    SHUTDOWN.watch_sigterm()
+    cancel = CancelToken()
+    with SHUTDOWN.running(cancel) as stopped:
+
+        def work(emit: stream.Emit) -> dict:
+            try:
+                return serve(job, cancel, emit)
+            finally:
+                stopped.set()
+
+        async for event in stream.streamed(work, lambda: cancel.cancel("the job was stopped"), STOP_GRACE_S):
+            yield event
 
 
 def prepare() -> None:
@@ -181,7 +207,10 @@ async def handler_writing_files(job: dict) -> dict:
 def main() -> None:
     if not runs_one_test_job(sys.argv[1:], dict(os.environ)):
         prepare()
-        runpod.serverless.start({"handler": handler})
+        if settings.current().streaming:
+            runpod.serverless.start({"handler": stream_handler, "return_aggregate_stream": True})
+        else:
+            runpod.serverless.start({"handler": handler})
         return
     if not DEBUG and not {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & set(os.environ):
         RunPodLogger().set_level("INFO")  # the SDK's default, DEBUG, echoes the test job's input (its base64)

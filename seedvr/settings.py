@@ -43,6 +43,8 @@ VARIABLES = (
     "SEEDVR_DISABLE_NVENC",
     "SEEDVR_SP_STALL_S",
     "SEEDVR_COMPILE",
+    "SEEDVR_ENDPOINT_URL",
+    "SEEDVR_STREAMING",
     "SEEDVR_TEST_MEMORY_BUDGET_BYTES",
     "SEEDVR_TEST_MEMORY_SCALE",
     *BUCKET_VARIABLES,
@@ -79,6 +81,8 @@ class Settings:
     disable_nvenc: bool
     sp_stall_s: float  # a sequence-parallel rank without progress this long is torn down
     compile: bool  # torch.compile the DiT blocks when a request does not say
+    endpoint_url: str | None  # this endpoint's API for a job's segment jobs (None: RunPod's, from RUNPOD_ENDPOINT_ID)
+    streaming: bool  # the handler is a generator: progress and each result as stream events (/stream)
     bucket: Bucket | None
     test_memory_budget_bytes: int | None  # tests: a simulated device of this many bytes
     test_memory_scale: float  # tests: the simulated device needs this times the estimate
@@ -99,6 +103,8 @@ class Settings:
             "disable_nvenc": self.disable_nvenc,
             "sp_stall_s": self.sp_stall_s,
             "compile": self.compile,
+            "endpoint_url": self.endpoint_url,
+            "streaming": self.streaming,
             "bucket_endpoint_url": self.bucket.endpoint_url if self.bucket else None,
         }
 
@@ -152,6 +158,16 @@ def _weights_default(name: str) -> Path:
     return NETWORK_VOLUME / "seedvr" / name if NETWORK_VOLUME.is_dir() else REPO_ROOT / name
 
 
+def _url(environ: dict[str, str], name: str) -> str | None:
+    raw = _raw(environ, name)
+    if not raw:
+        return None
+    if not raw.startswith(("http://", "https://")) or len(raw) <= len("https://"):
+        raise SettingsError(f"{name} must be an http(s) URL such as https://api.runpod.ai/v2/<endpoint id>, got "
+                            f"{_shown(raw)}")
+    return raw.rstrip("/")
+
+
 def _bucket(environ: dict[str, str]) -> Bucket | None:
     given = {name: _raw(environ, name) for name in BUCKET_VARIABLES}
     if not any(given.values()):
@@ -189,6 +205,8 @@ def read(environ: dict[str, str]) -> Settings:
         disable_nvenc=_flag(environ, "SEEDVR_DISABLE_NVENC"),
         sp_stall_s=_positive_number(environ, "SEEDVR_SP_STALL_S", DEFAULT_SP_STALL_S),
         compile=_flag(environ, "SEEDVR_COMPILE"),
+        endpoint_url=_url(environ, "SEEDVR_ENDPOINT_URL"),
+        streaming=_flag(environ, "SEEDVR_STREAMING"),
         bucket=_bucket(environ),
         test_memory_budget_bytes=(_integer(environ, "SEEDVR_TEST_MEMORY_BUDGET_BYTES", 0, 1, "a positive integer")
                                   if budget_raw else None),

@@ -1,9 +1,11 @@
 """Pairwise combination matrix through the real runpod local API, on the tiny random-weight installation.
 
 Factors: the media (an image, a video, or a list of both), sp_size (2 runs a gloo group of two rank
-processes on CPU), temporal chunking, DiT block offload, VAE tiling and the output delivery (base64, or
-a presigned URL into a moto S3 bucket). A small greedy generator picks combinations so that every pair of
-values of any two factors appears in at least one of them (checked by `test_pairwise_covers_every_pair`).
+processes on CPU), temporal chunking, DiT block offload, VAE tiling, the output delivery (base64, or
+a presigned URL into a moto S3 bucket) and frame interpolation (2x, which only a video takes). A small greedy
+generator picks combinations so that every pair of values of any two factors that can meet appears in at least
+one of them (checked by `test_pairwise_covers_every_pair`). An interpolated video keeps every restored frame
+as it is, at every other place: those frames are compared with the plain path like any other.
 
 Every combination must complete, and every item must decode to the expected size and frame count. The
 combinations without tiling must reproduce the "plain" path (sp_size 1, no offload, no tiling, base64)
@@ -19,6 +21,7 @@ import itertools
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -48,13 +51,14 @@ def pairs_of(row: dict, factors: dict[str, tuple]) -> set[tuple]:
     return {((a, row[a]), (b, row[b])) for a, b in itertools.combinations(names, 2)}
 
 
-def pairwise(factors: dict[str, tuple]) -> list[dict]:
+def pairwise(factors: dict[str, tuple], can_meet: Callable[[dict], bool] = lambda row: True) -> list[dict]:
     """Deterministic greedy covering array of strength 2: repeatedly take the row of the full cartesian
     product that covers the most pairs still uncovered; ties go to the row whose values were used least
-    so far (spreads the values), then to the first in declaration order."""
+    so far (spreads the values), then to the first in declaration order. Rows that `can_meet` refuses are
+    never taken, and the pairs that only they hold need no cover."""
     names = list(factors)
-    candidates = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
-    uncovered = all_pairs(factors)
+    candidates = [row for values in itertools.product(*factors.values()) if can_meet(row := dict(zip(names, values)))]
+    uncovered = all_pairs(factors) & set().union(*(pairs_of(row, factors) for row in candidates))  # that can meet
     used = Counter()
     rows = []
     while uncovered:
@@ -73,7 +77,13 @@ FACTORS = {
     "dit_offload": (False, True),
     "vae_tiling": (False, True),
     "delivery": ("base64", "url"),
+    "interpolate_factor": (1, 2),  # 2: ffmpeg's mci (auto: the tiny installation has no RIFE weights)
 }
+
+
+def can_meet(row: dict) -> bool:
+    """Interpolation applies to videos: an image alone refuses it (a list interpolates its video)."""
+    return row["media"] != "image" or row["interpolate_factor"] == 1
 
 
 def ordered(rows: list[dict]) -> list[dict]:
@@ -81,16 +91,16 @@ def ordered(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda row: (row["sp_size"], row["chunking"] == "chunked"))
 
 
-COMBINATIONS = ordered(pairwise(FACTORS))
+COMBINATIONS = ordered(pairwise(FACTORS, can_meet))
 
 
 def combination_id(row: dict) -> str:
     return "-".join([row["media"], f"sp{row['sp_size']}", row["chunking"],
                      "offload" if row["dit_offload"] else "resident",
-                     "tiled" if row["vae_tiling"] else "untiled", row["delivery"]])
+                     "tiled" if row["vae_tiling"] else "untiled", row["delivery"], f"x{row['interpolate_factor']}"])
 
 
-PLAIN = {"sp_size": 1, "dit_offload": False, "vae_tiling": False, "delivery": "base64"}
+PLAIN = {"sp_size": 1, "dit_offload": False, "vae_tiling": False, "delivery": "base64", "interpolate_factor": 1}
 
 
 def test_pairwise_covers_every_pair():
@@ -106,7 +116,16 @@ def test_pairwise_covers_every_pair():
         # any covering array needs at least (largest level count) x (second largest) rows
         largest, second_largest = sorted((len(values) for values in factors.values()), reverse=True)[:2]
         assert largest * second_largest <= len(rows) < math.prod(len(values) for values in factors.values())
-    assert sorted(map(combination_id, COMBINATIONS)) == sorted(map(combination_id, pairwise(FACTORS)))
+    # pairs that can meet are all covered (by rows that can happen), the one pair that cannot is not asked for
+    rows = pairwise(FACTORS, can_meet)
+    every = [dict(zip(FACTORS, values)) for values in itertools.product(*FACTORS.values())]
+    assert all(can_meet(row) for row in rows)
+    for first, second in itertools.combinations(FACTORS, 2):
+        for x, y in itertools.product(FACTORS[first], FACTORS[second]):
+            possible = any(can_meet(row) and row[first] == x and row[second] == y for row in every)
+            assert possible == any(row[first] == x and row[second] == y for row in rows), (first, x, second, y)
+    assert not can_meet({"media": "image", "interpolate_factor": 2}) and len(rows) == 8  # as many as without it
+    assert sorted(map(combination_id, COMBINATIONS)) == sorted(map(combination_id, rows))
     assert len({combination_id(row) for row in COMBINATIONS}) == len(COMBINATIONS)
     sp_changes = sum(1 for a, b in itertools.pairwise(COMBINATIONS) if a["sp_size"] != b["sp_size"])
     assert sp_changes == 1 and COMBINATIONS[0]["sp_size"] == 1
@@ -180,6 +199,8 @@ def restore_request(row: dict, media: dict) -> dict:
         request.update(vae_tiling=True, vae_tile_size=TILE)
     else:
         request["vae_tiling"] = False
+    if row["interpolate_factor"] != 1:
+        request["interpolate_factor"] = row["interpolate_factor"]
     return request
 
 
@@ -222,11 +243,12 @@ def run(server, row: dict, media: dict, folder: Path) -> tuple[dict, list[np.nda
     if len(kinds) > 1:
         assert output["media_types"] == list(kinds), label
         resolutions = output["resolutions"]
-        plans = [item["plan"] for item in output["processing_info"]["items"]]
+        infos = output["processing_info"]["items"]
     else:
         assert output["media_type"] == kinds[0], label
         resolutions = [output["resolution"]]
-        plans = [output["processing_info"]["plan"]]
+        infos = [output["processing_info"]]
+    plans = [info["plan"] for info in infos]
     assert len(output["media"]) == len(kinds) and len(resolutions) == len(kinds), label
     decoded = []
     for index, kind in enumerate(kinds):
@@ -242,8 +264,13 @@ def run(server, row: dict, media: dict, folder: Path) -> tuple[dict, list[np.nda
             data = base64.b64decode(output["media"][index], validate=True)
         frames = decode(kind, data, folder)
         assert resolutions[index] == f"{EXPECTED_WIDTH}x{EXPECTED_HEIGHT}", (label, index, resolutions)
-        expected_frames = 1 if kind == "image" else VIDEO_FRAMES
+        expected_frames = 1 if kind == "image" else VIDEO_FRAMES * row["interpolate_factor"]
         assert frames.shape[:3] == (expected_frames, EXPECTED_HEIGHT, EXPECTED_WIDTH), (label, index, frames.shape)
+        if kind == "video" and row["interpolate_factor"] != 1:  # 2N frames at twice the rate, made by mci
+            assert infos[index]["interpolation"] == {"method": "mci", "factor": 2.0, "output_fps": "48",
+                                                     "frames": 2 * VIDEO_FRAMES, "source_frames": VIDEO_FRAMES}, label
+        else:
+            assert "interpolation" not in infos[index], (label, index)
         # what the worker reports it did (processing_info.plan, README "memory plan")
         plan = plans[index]
         assert plan["vae_tile"] == (TILE if row["vae_tiling"] else None), (label, index, plan)
@@ -292,6 +319,8 @@ def test_combination(server, media, plain, job_tmp, tmp_path, row):
     figures = []
     for kind, frames in zip(ITEMS[row["media"]], decoded):
         reference = plain[kind, row["chunking"]]
+        if kind == "video":  # interpolated: every source frame is kept as it is, at its place (k = i * factor)
+            frames = frames[::row["interpolate_factor"]]
         largest, mean, changed = differences(frames, reference)
         figures.append(f"{kind}: max {largest} mean {mean:.5f} changed {changed:.5f}")
         if row["vae_tiling"]:

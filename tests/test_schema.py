@@ -34,6 +34,12 @@ MEMORY_OPTIONS = {"chunk_frames": None, "chunk_overlap": None, "vae_tiling": Non
 MEDIA_OPTIONS = {"deinterlace": "auto", "deinterlace_rate": "frame", "start_time": None, "duration": None}
 # issue 12's restoration strength
 STRENGTH_OPTIONS = {"cond_noise_scale": 0.0}
+# the fan-out over workers (`segment` is what a coordinator sends the jobs it starts)
+FANOUT_OPTIONS = {"workers": 1, "resume": True, "segment": None}
+INTERPOLATION_OPTIONS = {"interpolate_factor": 1.0, "interpolation": "auto"}  # off (tests/test_interpolation.py)
+# classic upscalers: the model of model_type "upscaler" (initialize and restore), SeedVR2's fallback (restore)
+UPSCALER_OPTIONS = {"upscaler": None}
+FALLBACK_OPTIONS = {"fallback_upscaler": None}
 CONTRACT_INITIALIZE_DEFAULTS = {"model_type": None, "model_variant": None, "sp_size": None, "attention_backend": None,
                                 "compile": None}
 SP_SIZES = {"seedvr2_3b": {1, 2, 4, 5, 10, 20}, "seedvr2_7b": {1, 2, 3, 4, 6, 8, 12, 24}}
@@ -85,7 +91,7 @@ def test_restore_defaults_equal_the_contract():
 def test_initialize_defaults_equal_the_contract():
     request = parse_request({"action": "initialize"})
     assert isinstance(request, InitializeRequest) and request.action == "initialize"
-    assert dataclasses.asdict(request) == CONTRACT_INITIALIZE_DEFAULTS
+    assert dataclasses.asdict(request) == {**CONTRACT_INITIALIZE_DEFAULTS, **UPSCALER_OPTIONS}
 
 
 def test_contract_examples_parse():
@@ -202,7 +208,7 @@ def test_unknown_field_suggests_the_close_one(wrong, meant):
 def test_unknown_field_without_a_close_match_lists_the_valid_fields():
     message = rejection({"action": "initialize", "zzz": 1})
     assert message == ("unknown field for action 'initialize': 'zzz'; valid fields: action, model_type, "
-                       "model_variant, sp_size, attention_backend, compile")
+                       "model_variant, sp_size, attention_backend, compile, upscaler")
 
 
 def test_restore_only_field_sent_to_initialize_says_where_it_belongs():
@@ -357,9 +363,10 @@ def test_media_options_default_to_auto_deinterlacing_and_the_whole_video():
 def test_table_lists_exactly_the_contract_fields():
     names = {action: {field.name for field in table} for action, table in schema.TABLE.items()}
     assert names["health"] == {"action"}
-    assert names["initialize"] == {"action", *CONTRACT_INITIALIZE_DEFAULTS}
+    assert names["initialize"] == {"action", *CONTRACT_INITIALIZE_DEFAULTS, *UPSCALER_OPTIONS}
     assert names["restore"] == {"action", "media", "video", "image", *CONTRACT_RESTORE_DEFAULTS, *DELIVERY_OPTIONS,
-                                *MEMORY_OPTIONS, *MEDIA_OPTIONS, *STRENGTH_OPTIONS}
+                                *MEMORY_OPTIONS, *MEDIA_OPTIONS, *STRENGTH_OPTIONS,
+                                *FANOUT_OPTIONS, *INTERPOLATION_OPTIONS, *UPSCALER_OPTIONS, *FALLBACK_OPTIONS}
 
 
 def test_describe_lists_every_field_with_its_default():

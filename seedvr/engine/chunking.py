@@ -28,7 +28,7 @@ follows the same rule: every chunk is noised at the level of the whole clip (`cl
 import hashlib
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,7 +193,7 @@ def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: 
                  chunk_frames: int | None = None, overlap: int = 0, sampling: Sampling = Sampling(), fade: str = "hann",
                  on_chunk: Callable[[int, Chunk], None] | None = None, timings: dict[str, float] | None = None,
                  on_phase: Callable[[str], None] | None = None, first_frame: int = 0,
-                 video_frames: int | None = None) -> Iterator[np.ndarray]:
+                 video_frames: int | None = None, chunks: Sequence[Chunk] | None = None) -> Iterator[np.ndarray]:
     """Yield the restored uint8 (Hc, Wc, 3) frames of a clip, in order, one per input frame.
 
     frames: uint8 (H, W, 3) frames, read lazily (e.g. from `seedvr.io.media.video.iter_frames`). size: the
@@ -204,10 +204,16 @@ def restore_clip(restorer: Restorer, frames: Iterable[np.ndarray], frame_count: 
     restored alone, `start_time`; None: the clip is the video): chunked noise is keyed by the video's frame
     numbers and conditioned at the video's level, so a part that starts at a chunk start of the whole video's
     plan restores its chunks exactly as the whole video's run does.
+    chunks: a segment of a larger clip's plan (seedvr.engine.segments): exactly these chunks are restored (frames
+    counted from the first frame given), with their fades, the chunked way even when there is one.
     """
     source = iter(frames)
-    chunks = plan_chunks(frame_count, chunk_frames, overlap)
-    if len(chunks) == 1:  # the official whole-clip pass
+    segment = chunks is not None
+    if chunks is None:
+        chunks = plan_chunks(frame_count, chunk_frames, overlap)
+    elif chunks[0].start != 0 or chunks[-1].stop != frame_count:
+        raise ValueError(f"the chunks cover frames [{chunks[0].start}, {chunks[-1].stop}), not the {frame_count} given")
+    if len(chunks) == 1 and not segment:  # the official whole-clip pass
         if on_chunk is not None:
             on_chunk(0, chunks[0])
         clip = _read_clip(source, frame_count)

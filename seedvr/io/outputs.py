@@ -15,6 +15,7 @@ from seedvr.io.inputs import InputItem
 from seedvr.io.media.compare import side_by_side
 from seedvr.io.media.encoders import container_extension, container_for, container_mime
 from seedvr.io.media.image import image_extension, image_mime, resized_alpha, write_image
+from seedvr.io.media.interpolation import Retiming
 from seedvr.io.media.writer import VideoWriter
 
 
@@ -47,16 +48,20 @@ class OutputFile:
 
 
 def video_writer(encoding: VideoEncoding, item: InputItem, workdir: Path, width: int,
-                 height: int) -> tuple[VideoWriter, OutputFile]:
-    """An open writer for item's restored frames, with the source's rate and audio."""
+                 height: int, retiming: Retiming | None = None) -> tuple[VideoWriter, OutputFile]:
+    """An open writer for item's restored frames, with the source's rate and audio; with `retiming`
+    (interpolation), the rate and frame times of its frames instead (seedvr.io.media.interpolation)."""
     assert item.video is not None and item.fps is not None, "a video item carries its probe"
+    fps, frame_times = item.fps, item.video.frame_times
+    if retiming is not None:
+        fps, frame_times = retiming.output_fps, retiming.frame_times(frame_times)
     container = container_for(encoding.codec, encoding.container)
     output = OutputFile(workdir / f"restored{item.index}.{container_extension(container)}", container_mime(container),
                         f"the restored video of {item.field}", SMALLER_VIDEO)
     audio = item.path if item.video.has_audio else None
-    writer = VideoWriter(output.path, width, height, item.fps, audio_source=audio, codec=encoding.codec,
+    writer = VideoWriter(output.path, width, height, fps, audio_source=audio, codec=encoding.codec,
                          crf=encoding.crf, pix_fmt=encoding.pix_fmt, container=container,
-                         frame_times=item.video.frame_times, color=item.video.color,
+                         frame_times=frame_times, color=item.video.color,
                          audio_window=(part.start, part.duration) if (part := item.video.part) else None)
     return writer, replace(output, encoder=writer.encoder)
 

@@ -14,6 +14,7 @@ the single string `warning`, as they always were (and in the initialize answer).
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from seedvr.engine.upscaler import UPSCALER
 from seedvr.io.delivery import Delivered
 from seedvr.io.outputs import OutputFile
 from seedvr.serving.model_holder import LoadedModel
@@ -105,6 +106,8 @@ def restore_answer(spec: RestoreSpec, model: LoadedModel, results: list[ItemResu
         "cond_noise_scale": sampling.cond_noise_scale,
         "preset": spec.preset,
     }
+    if model.model_type == UPSCALER:  # no diffusion ran: the upscaler's name instead of the sampling options
+        info = {"upscaler": model.variant, "compile": model.restorer.compiled}
     if len(results) == 1:
         info.update(results[0].info)
         info["timings"]["total"] = round(total_s, 4)

@@ -8,6 +8,7 @@ import torch
 
 from seedvr import settings
 from seedvr.engine import loader
+from seedvr.engine.upscaler import available_upscalers
 from seedvr.models.attention import available_backends
 from seedvr.models.registry import MODELS
 from seedvr.serving.model_holder import ModelHolder
@@ -46,6 +47,7 @@ def health(holder: ModelHolder) -> dict:
         **gpu_facts(),
         "disk": {"temporary": disk_space(Path(tempfile.gettempdir())), "weights": disk_space(worker.ckpt_dir)},
         "weights": weight_files(),
+        "upscalers": sorted(available_upscalers()),  # the names model_type "upscaler" and fallback_upscaler take
         "attention_backends": available_backends(),
         "settings": settings.current().public(),
     }

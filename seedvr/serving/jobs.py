@@ -11,9 +11,10 @@ import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,14 +31,17 @@ from seedvr.io.inputs import InputItem, gather_inputs
 from seedvr.io.media.hardware_decode import decoder_name
 from seedvr.io.media.video import iter_frames
 from seedvr.io.outputs import OutputFile, deliver_output, video_writer, write_comparison, write_restored_image
+from seedvr.serving import interpolation
 from seedvr.serving.answer import ItemResult, initialize_answer, restore_answer, result_copies
 from seedvr.serving.cancel import CancelToken
 from seedvr.serving.early_warnings import early_warnings
+from seedvr.serving.fallback import JobModels, fallback_spec
 from seedvr.serving.model_holder import LoadedModel, ModelHolder
 from seedvr.serving.overlap import WriteBehind, read_ahead
 from seedvr.serving.progress import Progress, ProgressSink
 from seedvr.serving.schema import InitializeRequest, RestoreRequest
 from seedvr.serving.specs import RestoreSpec, model_choice, restore_spec
+from seedvr.serving.stream import Emit, result_event
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class JobContext:
     job_id: str = "local"
     progress_sink: ProgressSink | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
+    events: Emit | None = None  # streamed results (SEEDVR_STREAMING): each item's as it is delivered
 
 
 def initialize(request: InitializeRequest, holder: ModelHolder) -> dict:
@@ -72,6 +77,7 @@ def sizes_of(spec: RestoreSpec, items: list[InputItem]) -> list[ItemSize]:
 def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -> dict:
     spec = restore_spec(request)
     model_spec = holder.resolve(spec.model)  # a bad model choice fails before any download or decode
+    models = JobModels(holder, model_spec, fallback_spec(holder, spec), context.cancel)
     started = time.perf_counter()
     cancel = context.cancel
     with tempfile.TemporaryDirectory(prefix="seedvr-job-") as tmp:
@@ -79,6 +85,7 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
         try:
             items = gather_inputs(spec.media, workdir)
             sizes = sizes_of(spec, items)
+            interpolation.check(spec.interpolation, items)  # a video to apply it to; RIFE's weights when asked
             warnings = early_warnings(spec, items, sizes)  # sent with every progress update, and answered
             progress = Progress(sum(item.frame_count for item in items), context.progress_sink, warnings)
             inline_budget = InlineBudget.from_settings(result_copies([item.kind for item in items]))
@@ -86,14 +93,16 @@ def restore(request: RestoreRequest, context: JobContext, holder: ModelHolder) -
             progress.phase("load_model")
 
             def run_items() -> tuple[LoadedModel, list[ItemResult]]:
-                with holder.use(model_spec) as model:
-                    cancel.on_cancel(model.restorer.interrupt)  # a cancelled job stops a group's ranks at once
+                with holder.exclusive():  # the job's model (and its fallback upscaler, in turn) stay put
                     results = []
                     for item, size in zip(items, sizes):
                         cancel.check()
-                        result = restore_item(model, spec, item, size, workdir, progress, cancel)
+                        result = models.restore(progress, partial(restore_item, spec=spec, item=item, size=size,
+                                                                  workdir=workdir, progress=progress, cancel=cancel))
                         results.append(deliver(spec, result, context.job_id, progress, inline_budget))
-                    return model, results
+                        if context.events is not None:
+                            context.events(result_event(item.index, results[-1]))
+                    return models.answering, results
 
             done, failure = _out_of_memory(run_items)  # an item's own retries are spent, or loading failed
         except RestoreInterrupted:
@@ -179,24 +188,34 @@ def _run_plan(model: LoadedModel, spec: RestoreSpec, item: InputItem, size: Item
             timings["encode"] = time.perf_counter() - started
             progress.advance(1)
         else:
-            writer, output = video_writer(spec.video, item, workdir, size.width, size.height)
+            retiming = interpolation.retiming_of(spec.interpolation, item)  # the frames and rate to write
+            writer, output = video_writer(spec.video, item, workdir, size.width, size.height, retiming)
+            written = 0
 
             def encode(frame: np.ndarray) -> None:
-                nonlocal encoding
+                nonlocal encoding, written
                 if not encoding:
                     progress.phase("encode")
                     encoding = True
                 started = time.perf_counter()
                 writer.write(frame)
                 timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
-                progress.advance(1)
+                written += 1  # progress counts source frames, whatever the interpolation adds
+                progress.advance(retiming.source_frames_done(written) - retiming.source_frames_done(written - 1))
 
-            with writer:
+            def keep_middle(frames: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+                nonlocal after
+                for index, frame in enumerate(frames):
+                    if index == middle:
+                        after = frame.copy()  # the comparison shows the middle restored frame
+                    yield frame
+
+            frames = interpolation.interpolated(spec.interpolation, retiming, keep_middle(restored), restorer.device,
+                                                timings)
+            with writer, closing(frames):  # an interpolation in flight (its ffmpeg) ends on every path
                 with WriteBehind(encode, WRITE_BEHIND_FRAMES) as behind:
-                    for index, frame in enumerate(restored):
+                    for frame in frames:
                         cancel.check()
-                        if index == middle:
-                            after = frame.copy()
                         behind.put(frame)
                 started = time.perf_counter()
             timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started  # flush, mux audio
@@ -277,6 +296,8 @@ def _restore_planned(model: LoadedModel, spec: RestoreSpec, item: InputItem, siz
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()}}
     if item.video is not None:
         info.update(item.video.describe())
+        if spec.interpolation.active:
+            info["interpolation"] = interpolation.describe(spec.interpolation, item)
         info["decoder"] = decoder_name(item.video.codec)
     if output.encoder is not None:
         info["encoder"] = output.encoder

@@ -25,6 +25,7 @@ import torch
 from seedvr import settings
 from seedvr.engine import loader
 from seedvr.engine.restorer import Restorer
+from seedvr.engine.upscaler import UPSCALER, find_upscaler, load_upscaler
 from seedvr.errors import INVALID_INPUT, CheckpointError, RestoreError
 from seedvr.models.attention import resolve_backend
 from seedvr.models.registry import (
@@ -80,7 +81,9 @@ class LoadedModel:
 
 
 def open_restorer(spec: ModelSpec) -> Restorer:
-    """Load a model: in this process, or in `sp_size` rank processes."""
+    """Load a model: in this process, or in `sp_size` rank processes. An upscaler's variant is its name."""
+    if spec.model_type == UPSCALER:
+        return load_upscaler(spec.variant, find_upscaler(spec.variant), loader.default_device())
     if spec.sp_size == 1:
         return loader.load_pipeline(spec.model_type, spec.variant, attention_backend=spec.attention_backend)
     return SequenceParallelGroup(spec.model_type, spec.variant, spec.sp_size, spec.attention_backend)
@@ -131,8 +134,13 @@ class ModelHolder:
 
     def resolve(self, choice: ModelChoice) -> ModelSpec:
         """The model a request gets: its explicit fields, else what is warm, else the defaults. INVALID_INPUT
-        when that model cannot take the request's variant or sp_size, or this machine cannot run it."""
-        warm = self._model.spec if self._model is not None else None
+        when that model cannot take the request's variant or sp_size, or this machine cannot run it. An upscaler
+        (model_type "upscaler", named by `upscaler`) is never "what is warm" for a request that names no model."""
+        if choice.model_type == UPSCALER:
+            assert choice.upscaler is not None, "the schema requires upscaler with model_type 'upscaler'"
+            return ModelSpec(UPSCALER, choice.upscaler, 1, "auto",
+                             choice.compile if choice.compile is not None else settings.current().compile)
+        warm = self._model.spec if self._model is not None and self._model.model_type != UPSCALER else None
         model_type, why = self._model_type(choice, warm)
         stays = warm is not None and warm.model_type == model_type
         variant = choice.variant or (warm.variant if stays and warm else DEFAULT_VARIANT)
@@ -182,6 +190,9 @@ class ModelHolder:
 
     @staticmethod
     def _check_or_download(spec: ModelSpec) -> None:
+        if spec.model_type == UPSCALER:
+            find_upscaler(spec.variant)  # upscalers are the operator's files: nothing to download
+            return
         try:
             loader.check_files(spec.model_type, spec.variant)
         except CheckpointError:
@@ -206,6 +217,12 @@ class ModelHolder:
             self._model = LoadedModel(spec, restorer)
             _set_compiled(restorer, spec.compile)
             return self._model
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Keep other jobs from switching models for a while (a job that may run two models in turn)."""
+        with self._lock:
+            yield
 
     @contextmanager
     def use(self, spec: ModelSpec) -> Iterator[LoadedModel]:

@@ -12,19 +12,41 @@ only where the default is null, and means "not given".
 """
 
 import dataclasses
-import difflib
 import inspect
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
 
 from seedvr import settings
 from seedvr.engine.colorfix import METHODS as COLOR_FIXES
+from seedvr.engine.upscaler import UPSCALER
 from seedvr.errors import INVALID_INPUT, RestoreError, excerpt
 from seedvr.io.media.encoders import CODECS, CONTAINERS, PIXEL_FORMATS, container_for, crf_problem
+from seedvr.io.media.interpolation import MAX_FACTOR
 from seedvr.models.attention import BACKENDS as ATTENTION_BACKENDS
 from seedvr.models.registry import MAX_HEADS, MODEL_TYPES, VARIANTS, sp_size_problem, variant_problem
+from seedvr.serving.fanout.order import MAX_FRAMES, MAX_WORKERS, SEGMENT_NUMBERS
+from seedvr.serving.fanout.order import RULES as FANOUT_RULES
+from seedvr.serving.field_types import (
+    MAX_SIDE,
+    MIN_SIDE,
+    Boolean,
+    Choice,
+    Field,
+    Integer,
+    NonEmptyString,
+    Number,
+    Record,
+    Rejected,
+    Resolution,
+    Strings,
+    did_you_mean,
+    option,
+)
+from seedvr.serving.interpolation import METHODS as INTERPOLATION_METHODS
+from seedvr.serving.interpolation import RULES as INTERPOLATION_RULES
+from seedvr.serving.upscaler_rules import RULES as UPSCALER_RULES
 
 ACTIONS = ("health", "initialize", "restore")
 MEDIA_FIELDS = ("media", "video", "image")  # `video` and `image` are the legacy names
@@ -41,135 +63,12 @@ PRESETS = {  # preset -> (model_type, (res_h, res_w)); explicit fields win over 
 DEFAULT_RESOLUTION = (1280, 720)  # res_h, res_w of the contract (an area: 921,600 pixels)
 DELIVERIES = ("auto", "base64", "url")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
-MIN_SIDE, MAX_SIDE = 16, 8192  # bounds of res_h and res_w, in pixels
 MAX_CHUNK_FRAMES = 10_001  # bound of chunk_frames and chunk_overlap
 TILE_MULTIPLE = 16  # vae_tile_size must divide by it
 MAX_PROBLEMS_SHOWN = 4  # keeps the error message short when a request is wrong everywhere
 MAX_NAMES_SHOWN = 3  # unknown field names quoted in one message
 MAX_VALID_SHOWN = 8  # valid field names listed after an unknown one
 REQUIRED = object()  # the default of a field the client must send
-
-
-class Rejected(Exception):
-    """A value the field does not take; its text, if any, suggests a fix."""
-
-
-# What a field accepts: `describe()` ends "<field> must be ...", `read()` returns the value to store or raises Rejected.
-@dataclass(frozen=True)
-class Integer:
-    minimum: int
-    maximum: int
-
-    def describe(self) -> str:
-        return f"an integer between {self.minimum} and {self.maximum}"
-
-    def read(self, value: Any) -> int:
-        if isinstance(value, float) and value.is_integer():  # False for NaN and infinities
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not self.minimum <= value <= self.maximum:
-            raise Rejected()
-        return value
-
-
-@dataclass(frozen=True)
-class Number:
-    minimum: float
-    maximum: float
-
-    def describe(self) -> str:
-        return f"a number between {self.minimum} and {self.maximum}"
-
-    def read(self, value: Any) -> float:
-        # Comparing before converting: NaN fails every comparison, and a huge integer cannot overflow.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.minimum <= value <= self.maximum:
-            raise Rejected()
-        return float(value)
-
-
-@dataclass(frozen=True)
-class Choice:
-    options: tuple[str, ...]
-
-    def describe(self) -> str:
-        return "one of " + ", ".join(repr(option) for option in self.options)
-
-    def read(self, value: Any) -> str:
-        if isinstance(value, str) and value in self.options:
-            return value
-        raise Rejected(_did_you_mean(value, self.options))
-
-
-@dataclass(frozen=True)
-class NonEmptyString:
-    def describe(self) -> str:
-        return "a non-empty string"
-
-    def read(self, value: Any) -> str:
-        if not isinstance(value, str) or not value or value.isspace():
-            raise Rejected()
-        return value
-
-
-@dataclass(frozen=True)
-class Boolean:
-    def describe(self) -> str:
-        return "true or false"
-
-    def read(self, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise Rejected()
-        return value
-
-
-@dataclass(frozen=True)
-class Strings:
-    """One non-empty string, or a list of 1..max_items of them; read as a tuple."""
-
-    max_items: int
-
-    def describe(self) -> str:
-        return f"a non-empty string or a list of 1 to {self.max_items} of them"
-
-    def read(self, value: Any) -> tuple[str, ...]:
-        items = value if isinstance(value, list) else [value]
-        if not 1 <= len(items) <= self.max_items:
-            raise Rejected()
-        return tuple(NonEmptyString().read(item) for item in items)
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """"WIDTHxHEIGHT", read as (width, height)."""
-
-    def describe(self) -> str:
-        return f'"WIDTHxHEIGHT" with sides between {MIN_SIDE} and {MAX_SIDE}, e.g. "3840x2160"'
-
-    def read(self, value: Any) -> tuple[int, int]:
-        parts = value.lower().split("x") if isinstance(value, str) else []
-        if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
-            raise Rejected()
-        width, height = int(parts[0]), int(parts[1])
-        if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-            raise Rejected()
-        return width, height
-
-
-Accepts = Integer | Number | Choice | NonEmptyString | Boolean | Strings | Resolution
-
-
-def option(default: Any, accepts: Accepts, doc: str, *, in_repr: bool = True) -> Any:
-    """Declare a request field: its default, what it accepts and a one-line doc."""
-    return dataclasses.field(default=default, repr=in_repr, metadata={"accepts": accepts, "doc": doc})
-
-
-@dataclass(frozen=True)
-class Field:
-    """One row of the table."""
-
-    name: str
-    accepts: Accepts
-    default: Any  # REQUIRED when the client must send it
-    doc: str
 
 
 ACTION_FIELD = Field("action", Choice(ACTIONS), REQUIRED, "what to do: health, initialize or restore")
@@ -189,14 +88,14 @@ def _named_model(model_type: str | None, preset: str | None = None) -> tuple[str
 
 def variant_exists(model_type: str | None, model_variant: str | None, preset: str | None = None) -> str | None:
     model, why = _named_model(model_type, preset)
-    if model is None or model_variant is None:
+    if model is None or model == UPSCALER or model_variant is None:  # an upscaler: upscaler_rules
         return None
     return variant_problem(model, model_variant, why)
 
 
 def sp_size_divides_heads(model_type: str | None, sp_size: int | None, preset: str | None = None) -> str | None:
     model, why = _named_model(model_type, preset)
-    if model is None or sp_size is None:
+    if model is None or model == UPSCALER or sp_size is None:
         return None
     return sp_size_problem(model, sp_size, why)
 
@@ -279,11 +178,12 @@ class HealthRequest:
 class ModelOptions:
     """Which model serves the request; shared by initialize and restore."""
 
-    rules: ClassVar[tuple[Callable, ...]] = (variant_exists, sp_size_divides_heads)
+    rules: ClassVar[tuple[Callable, ...]] = (variant_exists, sp_size_divides_heads) + UPSCALER_RULES
 
     model_type: str | None = option(
-        None, Choice(MODEL_TYPES), "which DiT; null = the warm one (seedvr2_3b when none is warm, or the one that "
-                                   "has model_variant)")
+        None, Choice((*MODEL_TYPES, UPSCALER)), "which DiT, or upscaler: the classic upscaler named in `upscaler`; "
+                                                "null = the warm DiT (seedvr2_3b when none is warm, or the one that "
+                                                "has model_variant)")
     model_variant: str | None = option(
         None, Choice(VARIANTS), "checkpoint variant, sharp only for seedvr2_7b; null = the warm one's when the "
                                 "model stays, else normal")
@@ -296,6 +196,10 @@ class ModelOptions:
     compile: bool | None = option(
         None, Boolean(), "torch.compile the DiT blocks (regional, no CUDA graphs; compiled and warmed up when the "
                          "model loads, same frames as eager); null = the warm model's, else SEEDVR_COMPILE (off)")
+    upscaler: str | None = option(
+        None, NonEmptyString(), "with model_type upscaler: which one, by the name of its file NAME.pth or "
+                                "NAME.safetensors in the weights folder's upscalers/ (health lists them); any model "
+                                "spandrel loads (ESRGAN, Real-ESRGAN, SPAN, SwinIR, HAT, DAT, OmniSR, ...)")
 
 
 @dataclass(frozen=True)
@@ -312,7 +216,7 @@ class RestoreRequest(ModelOptions):
     rules: ClassVar[tuple[Callable, ...]] = ModelOptions.rules + (
         one_media_field, legacy_field_agrees_with_media_type, scale_or_resolution, output_area_within_cap,
         crf_in_codec_range, container_holds_codec, chunk_frames_are_4n_plus_1, overlap_shorter_than_chunk,
-        tile_size_fits_tiling)
+        tile_size_fits_tiling) + FANOUT_RULES + INTERPOLATION_RULES
 
     # Input. Media payloads can be hundreds of MB: they stay out of repr() and thus out of logs.
     media: tuple[str, ...] | None = option(
@@ -339,6 +243,10 @@ class RestoreRequest(ModelOptions):
     preset: str | None = option(None, Choice(tuple(PRESETS)),
                                 "fast = 3B at 854x480 area, balanced = 3B at 1280x720, quality = 7B at 1920x1080; "
                                 "explicit model_type/res_h/res_w/scale win")
+    fallback_upscaler: str | None = option(
+        None, NonEmptyString(), "an upscaler (as `upscaler`) that finishes each item SeedVR2 cannot: every memory "
+                                "plan ran out of memory, or its weights are missing; processing_info.fallback says "
+                                "so, with the reason")
     res_h: int | None = option(None, Integer(MIN_SIDE, MAX_SIDE),
                                "with res_w, sets the output AREA res_h*res_w (default 1280*720, or the preset's); "
                                "the aspect ratio follows the input")
@@ -358,6 +266,16 @@ class RestoreRequest(ModelOptions):
         0.0, Number(0.0, 1.0), "restoration strength: noise mixed into the input's latent before the DiT (SeedVR2's "
                                "condition noise); 0 = the official output, higher = trusts the input less and "
                                "generates more detail (for heavily degraded input; can invent detail on clean input)")
+    interpolate_factor: float = option(
+        1.0, Number(1.0, MAX_FACTOR), "videos: frame interpolation after restoration, 1 = off; at most two decimals "
+                                      "(2.5). The rate is multiplied exactly (30000/1001 x 2 = 60000/1001) and N frames "
+                                      "become ceil(factor*N) (2N at 2), lasting as long as the source; the audio is "
+                                      "untouched")
+    interpolation: str = option(
+        "auto", Choice(INTERPOLATION_METHODS), "how interpolate_factor makes frames: rife = RIFE 4.13 on the GPU (needs "
+                                               "`python -m seedvr.weights download --model rife`), mci = ffmpeg's "
+                                               "motion-compensated minterpolate (no weights); auto = rife when its "
+                                               "weights are present, else mci. Scene cuts are never blended")
     # How to return it
     output_delivery: str = option("auto", Choice(DELIVERIES),
                                   "auto = base64 under 15 MB else an S3 URL (needs BUCKET_* env); base64; url")
@@ -393,6 +311,11 @@ class RestoreRequest(ModelOptions):
     dit_offload: bool | None = option(
         None, Boolean(), "keep the DiT blocks in host memory, each moved to the GPU in turn (exact, a little "
                          "slower); null = only when needed")
+    workers: int = option(1, Integer(1, MAX_WORKERS), "videos: restore on this many workers of this endpoint at once, "
+                          "merged seamlessly (the frames of one worker); needs a bucket (seedvr.serving.fanout)")
+    resume: bool = option(True, Boolean(), "workers > 1: reuse segments a failed run of this job left (24 h)")
+    segment: dict | None = option(None, Record("internal", tuple((name, Integer(0, MAX_FRAMES)) for name in SEGMENT_NUMBERS)
+                                               + (("source_sha256", NonEmptyString()),)), "a coordinator's segment job")
 
     def __post_init__(self) -> None:  # the dataclass is frozen: resolved values are set with object.__setattr__
         implied = self.media_field if self.media_field in ("video", "image") else None
@@ -446,13 +369,6 @@ def _show(value: Any) -> str:
     return kinds.get(type(value), f"a {type(value).__name__}")
 
 
-def _did_you_mean(value: Any, candidates: Iterable[str]) -> str:
-    if not isinstance(value, str) or len(value) > 64:
-        return ""
-    close = difflib.get_close_matches(value, candidates, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _read(field: Field, job_input: dict) -> tuple[Any, str | None]:
     """(value, None) or (None, problem)."""
     if field.name not in job_input:
@@ -476,7 +392,7 @@ def _unknown_fields_problem(job_input: dict, action: str) -> str | None:
     shown, lacks_suggestion = [], False
     for name in unknown[:MAX_NAMES_SHOWN]:
         owners = [other for other in ACTIONS if any(field.name == name for field in TABLE[other])]
-        hint = f" (only for {', '.join(owners)})" if owners else _did_you_mean(name, valid)
+        hint = f" (only for {', '.join(owners)})" if owners else did_you_mean(name, valid)
         lacks_suggestion = lacks_suggestion or bool(owners) or not hint
         shown.append(_show(name) + hint)
     if len(unknown) > MAX_NAMES_SHOWN:

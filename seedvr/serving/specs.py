@@ -9,6 +9,8 @@ The schema (seedvr.serving.schema) checks the fields; `restore_spec` hands each 
     sampling  -> the Restorer                           (Sampling)
     video / image -> seedvr.io.outputs                  (VideoEncoding / ImageEncoding)
     delivery  -> seedvr.io.outputs.deliver_output       (DeliverySpec)
+    interpolation -> seedvr.serving.interpolation       (InterpolationSpec: after restoring, before encoding)
+    fanout    -> seedvr.serving.fanout                 (FanOutSpec: workers, resume, a segment job's order)
 """
 
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from seedvr.engine.sizing import SizeWishes
 from seedvr.io.delivery import DeliverySpec
 from seedvr.io.inputs import MediaSpec
 from seedvr.io.outputs import ImageEncoding, VideoEncoding
+from seedvr.serving.fanout.order import FanOutSpec, SegmentOrder
+from seedvr.serving.interpolation import InterpolationSpec
 from seedvr.serving.schema import InitializeRequest, RestoreRequest
 
 
@@ -31,6 +35,7 @@ class ModelChoice:
     sp_size: int | None = None
     attention_backend: str | None = None
     compile: bool | None = None
+    upscaler: str | None = None  # with model_type "upscaler": the name of its file in ckpts/upscalers/
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,14 @@ class RestoreSpec:
     delivery: DeliverySpec
     compare: bool = False  # a before/after picture per item
     preset: str | None = None  # reported back
+    fanout: FanOutSpec = FanOutSpec()  # workers, resume, a segment job's order (seedvr.serving.fanout)
+    interpolation: InterpolationSpec = InterpolationSpec()  # factor 1: none (seedvr.serving.interpolation)
+    fallback_upscaler: str | None = None  # finishes an item SeedVR2 cannot (seedvr.serving.fallback)
 
 
 def model_choice(request: InitializeRequest | RestoreRequest) -> ModelChoice:
     return ModelChoice(request.model_type, request.model_variant, request.sp_size, request.attention_backend,
-                       request.compile)
+                       request.compile, request.upscaler)
 
 
 def restore_spec(request: RestoreRequest) -> RestoreSpec:
@@ -74,4 +82,8 @@ def restore_spec(request: RestoreRequest) -> RestoreSpec:
         delivery=DeliverySpec(request.output_delivery, request.return_data_uri),
         compare=request.compare,
         preset=request.preset,
+        fallback_upscaler=request.fallback_upscaler,
+        fanout=FanOutSpec(request.workers, request.resume,
+                          SegmentOrder.from_fields(request.segment) if request.segment is not None else None),
+        interpolation=InterpolationSpec.of(request.interpolate_factor, request.interpolation),
     )

@@ -148,6 +148,7 @@ def _join_and_load(rank: int, spec: RankSpec) -> RankContext:
         dist.init_process_group("nccl", store=store, rank=rank, world_size=spec.size, timeout=timeout,
                                 device_id=device)
         meta_group = dist.new_group(backend="gloo", timeout=timeout)
+        assert isinstance(meta_group, dist.ProcessGroup), "every rank is a member of the group of all ranks"
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // spec.size))

@@ -3,6 +3,7 @@
     python -m seedvr.weights download --model seedvr2_3b | seedvr2_7b | seedvr2_7b_sharp
     python -m seedvr.weights verify   --model ...
     python -m seedvr.weights convert  --model ... [--delete-pth]
+    python -m seedvr.weights download --model rife   (frame interpolation: RIFE 4.13.2, pinned file and sha256)
 
 Files come from the Hugging Face repos ByteDance-Seed/SeedVR2-3B and
 ByteDance-Seed/SeedVR2-7B into SEEDVR_CKPT_DIR / SEEDVR_EMBEDDINGS_DIR
@@ -38,10 +39,11 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from safetensors import SafetensorError, safe_open
 
-from seedvr.engine import loader
+from seedvr.engine import interpolation, loader
 from seedvr.engine.checkpoint import compare_shapes, describe_mismatches, read_state_dict, state_dict_shapes
 from seedvr.errors import CheckpointError, RestoreError
 from seedvr.models.registry import WEIGHT_SETS, card, split_weight_set
+from seedvr.models.rife import RIFE_WEIGHTS, IFNet
 from seedvr.models.vae import VideoAutoencoder, convert_legacy_vae_keys
 
 REACH_TIMEOUT_S = 2.0  # to connect to the hub: an unreachable hub fails this fast, without retries
@@ -54,13 +56,13 @@ COPY_HINT = "or copy the files into SEEDVR_CKPT_DIR / SEEDVR_EMBEDDINGS_DIR"
 
 
 # Download
-def hub_metadata(repo: str, filename: str) -> HfFileMetadata:
-    """The hub's answer to HEAD /{repo}/resolve/main/{filename}: where to GET it, its ETag and size."""
+def hub_metadata(repo: str, filename: str, revision: str | None = None) -> HfFileMetadata:
+    """The hub's answer to HEAD /{repo}/resolve/{revision or main}/{filename}: where to GET it, its ETag and size."""
     if constants.is_offline_mode():
         raise CheckpointError(f"HF_HUB_OFFLINE is set, so {repo}/{filename} cannot be downloaded: unset it, {COPY_HINT}")
     try:
         timeout = httpx2.Timeout(ANSWER_TIMEOUT_S, connect=REACH_TIMEOUT_S)
-        metadata = get_hf_file_metadata(hf_hub_url(repo, filename),
+        metadata = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision),
                                         timeout=timeout)  # type: ignore[arg-type]  # annotated float; httpx2 takes a Timeout
     except httpx2.TransportError as error:
         raise CheckpointError(f"cannot reach {constants.ENDPOINT} to download {repo}/{filename} "
@@ -90,9 +92,9 @@ def check_content(path: Path, etag: str, label: str) -> None:
                               f"the file was removed, run the download again")
 
 
-def fetch(repo: str, filename: str, destination: Path) -> None:
+def fetch(repo: str, filename: str, destination: Path, revision: str | None = None) -> None:
     """Download one file to `destination`, resuming the partial file an interrupted earlier run left."""
-    metadata = hub_metadata(repo, filename)
+    metadata = hub_metadata(repo, filename, revision)
     assert metadata.etag is not None  # hub_metadata refuses an answer without one
     partial = destination.with_name(f"{destination.name}.{re.sub('[^0-9A-Za-z]', '', metadata.etag)[:16]}.part")
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,9 @@ def fetch(repo: str, filename: str, destination: Path) -> None:
 
 def download(name: str) -> None:
     """Fetch the missing files of a model, then verify all of them."""
+    if name == RIFE_WEIGHTS.name:
+        download_rife()
+        return
     model_type, variant = split_weight_set(name)
     for path in loader.model_files(model_type, variant).missing():
         fetch(card(model_type).hf_repo, path.name, path)
@@ -132,7 +137,33 @@ def download(name: str) -> None:
     print(f"{name}: all files present and verified", flush=True)
 
 
+def download_rife() -> None:
+    """Fetch the RIFE checkpoint (frame interpolation) at its pinned commit unless present, then verify it."""
+    path = interpolation.checkpoint_path()
+    if not path.is_file():
+        fetch(RIFE_WEIGHTS.hf_repo, RIFE_WEIGHTS.filename, path, revision=RIFE_WEIGHTS.revision)
+    verify_rife()
+    print(f"{RIFE_WEIGHTS.name}: {path} present and verified", flush=True)
+
+
 # Verify
+def verify_rife() -> None:
+    """The RIFE checkpoint has exactly IFNet's keys and shapes, and is the pinned file (its sha256)."""
+    path = interpolation.checkpoint_path()
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: run `python -m seedvr.weights download --model {RIFE_WEIGHTS.name}`")
+    with torch.device("meta"):
+        check_checkpoint(IFNet(), path)
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    if digest.hexdigest() != RIFE_WEIGHTS.sha256:
+        raise CheckpointError(f"{path} has IFNet's keys and shapes but is not the released file {RIFE_WEIGHTS.hf_repo}/"
+                              f"{RIFE_WEIGHTS.filename}@{RIFE_WEIGHTS.revision[:7]} (sha256 {digest.hexdigest()}, "
+                              f"expected {RIFE_WEIGHTS.sha256}): delete it and download it again")
+
+
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """{key: shape} of a checkpoint, read without loading its tensors (the .safetensors header, a mapped .pth)."""
     if path.suffix != ".safetensors":
@@ -225,12 +256,16 @@ def convert(name: str, delete_pth: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seedvr.weights", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("download", "verify", "convert"))
-    parser.add_argument("--model", required=True, choices=WEIGHT_SETS)
+    parser.add_argument("--model", required=True, choices=(*WEIGHT_SETS, RIFE_WEIGHTS.name))
     parser.add_argument("--delete-pth", action="store_true", help="convert: delete each .pth once its copy is verified")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
             download(args.model)
+        elif args.model == RIFE_WEIGHTS.name:  # convert too only verifies: the file is safetensors already
+            verify_rife()
+            print(f"{args.model}: present and verified" + (", nothing to convert" if args.command == "convert" else ""),
+                  flush=True)
         elif args.command == "convert":
             convert(args.model, args.delete_pth)
         else:
