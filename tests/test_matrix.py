@@ -2,7 +2,8 @@
 
 Factors: the media (an image, a video, or a list of both), sp_size (2 runs a gloo group of two rank
 processes on CPU), temporal chunking, DiT block offload, VAE tiling, the output delivery (base64, or
-a presigned URL into a moto S3 bucket) and frame interpolation (2x, which only a video takes). A small greedy
+a presigned URL into a moto S3 bucket), frame interpolation (2x, which only a video takes) and deinterlacing
+(auto finds this progressive clip progressive, off does not look: both exact). A small greedy
 generator picks combinations so that every pair of values of any two factors that can meet appears in at least
 one of them (checked by `test_pairwise_covers_every_pair`). An interpolated video keeps every restored frame
 as it is, at every other place: those frames are compared with the plain path like any other.
@@ -78,6 +79,7 @@ FACTORS = {
     "vae_tiling": (False, True),
     "delivery": ("base64", "url"),
     "interpolate_factor": (1, 2),  # 2: ffmpeg's mci (auto: the tiny installation has no RIFE weights)
+    "deinterlace": ("auto", "off"),  # on this progressive clip auto finds no interlacing: exact either way
 }
 
 
@@ -97,10 +99,12 @@ COMBINATIONS = ordered(pairwise(FACTORS, can_meet))
 def combination_id(row: dict) -> str:
     return "-".join([row["media"], f"sp{row['sp_size']}", row["chunking"],
                      "offload" if row["dit_offload"] else "resident",
-                     "tiled" if row["vae_tiling"] else "untiled", row["delivery"], f"x{row['interpolate_factor']}"])
+                     "tiled" if row["vae_tiling"] else "untiled", row["delivery"], f"x{row['interpolate_factor']}",
+                     f"deinterlace-{row['deinterlace']}"])
 
 
-PLAIN = {"sp_size": 1, "dit_offload": False, "vae_tiling": False, "delivery": "base64", "interpolate_factor": 1}
+PLAIN = {"sp_size": 1, "dit_offload": False, "vae_tiling": False, "delivery": "base64", "interpolate_factor": 1,
+         "deinterlace": "auto"}
 
 
 def test_pairwise_covers_every_pair():
@@ -124,7 +128,7 @@ def test_pairwise_covers_every_pair():
         for x, y in itertools.product(FACTORS[first], FACTORS[second]):
             possible = any(can_meet(row) and row[first] == x and row[second] == y for row in every)
             assert possible == any(row[first] == x and row[second] == y for row in rows), (first, x, second, y)
-    assert not can_meet({"media": "image", "interpolate_factor": 2}) and len(rows) == 8  # as many as without it
+    assert not can_meet({"media": "image", "interpolate_factor": 2}) and len(rows) == 10  # greedy; 6 at the least
     assert sorted(map(combination_id, COMBINATIONS)) == sorted(map(combination_id, rows))
     assert len({combination_id(row) for row in COMBINATIONS}) == len(COMBINATIONS)
     sp_changes = sum(1 for a, b in itertools.pairwise(COMBINATIONS) if a["sp_size"] != b["sp_size"])
@@ -201,6 +205,8 @@ def restore_request(row: dict, media: dict) -> dict:
         request["vae_tiling"] = False
     if row["interpolate_factor"] != 1:
         request["interpolate_factor"] = row["interpolate_factor"]
+    if row["deinterlace"] != "auto":
+        request["deinterlace"] = row["deinterlace"]
     return request
 
 
@@ -271,6 +277,9 @@ def run(server, row: dict, media: dict, folder: Path) -> tuple[dict, list[np.nda
                                                      "frames": 2 * VIDEO_FRAMES, "source_frames": VIDEO_FRAMES}, label
         else:
             assert "interpolation" not in infos[index], (label, index)
+        if kind == "video":  # auto looked and found the pattern clip progressive; off did not look
+            found = "progressive" if row["deinterlace"] == "auto" else None
+            assert infos[index]["interlace"] == {"found": found, "deinterlaced": None}, (label, infos[index])
         # what the worker reports it did (processing_info.plan, README "memory plan")
         plan = plans[index]
         assert plan["vae_tile"] == (TILE if row["vae_tiling"] else None), (label, index, plan)
