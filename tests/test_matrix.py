@@ -3,7 +3,8 @@
 Factors: the media (an image, a video, or a list of both), sp_size (2 runs a gloo group of two rank
 processes on CPU), temporal chunking, DiT block offload, VAE tiling, the output delivery (base64, or
 a presigned URL into a moto S3 bucket), frame interpolation (2x, which only a video takes) and deinterlacing
-(auto finds this progressive clip progressive, off does not look: both exact). A small greedy
+(auto finds this progressive clip progressive, off does not look: both exact), and the restoration strength
+cond_noise_scale (0 or 0.3, each compared with the plain path at the same strength). A small greedy
 generator picks combinations so that every pair of values of any two factors that can meet appears in at least
 one of them (checked by `test_pairwise_covers_every_pair`). An interpolated video keeps every restored frame
 as it is, at every other place: those frames are compared with the plain path like any other.
@@ -80,6 +81,7 @@ FACTORS = {
     "delivery": ("base64", "url"),
     "interpolate_factor": (1, 2),  # 2: ffmpeg's mci (auto: the tiny installation has no RIFE weights)
     "deinterlace": ("auto", "off"),  # on this progressive clip auto finds no interlacing: exact either way
+    "cond_noise_scale": (0.0, 0.3),  # restoration strength: compared with the plain path at the same strength
 }
 
 
@@ -100,11 +102,12 @@ def combination_id(row: dict) -> str:
     return "-".join([row["media"], f"sp{row['sp_size']}", row["chunking"],
                      "offload" if row["dit_offload"] else "resident",
                      "tiled" if row["vae_tiling"] else "untiled", row["delivery"], f"x{row['interpolate_factor']}",
-                     f"deinterlace-{row['deinterlace']}"])
+                     f"deinterlace-{row['deinterlace']}", f"strength{row['cond_noise_scale']}"])
 
 
 PLAIN = {"sp_size": 1, "dit_offload": False, "vae_tiling": False, "delivery": "base64", "interpolate_factor": 1,
          "deinterlace": "auto"}
+STRENGTHS = FACTORS["cond_noise_scale"]
 
 
 def test_pairwise_covers_every_pair():
@@ -207,6 +210,8 @@ def restore_request(row: dict, media: dict) -> dict:
         request["interpolate_factor"] = row["interpolate_factor"]
     if row["deinterlace"] != "auto":
         request["deinterlace"] = row["deinterlace"]
+    if row["cond_noise_scale"]:
+        request["cond_noise_scale"] = row["cond_noise_scale"]
     return request
 
 
@@ -301,23 +306,29 @@ MEASURED: dict[str, list[str]] = {}  # combination id -> per item "kind: max/mea
 
 
 @pytest.fixture(scope="module")
-def plain(server, media, tmp_path_factory) -> dict[tuple[str, str], np.ndarray]:
-    """{(kind, chunking): decoded frames} of the plain path (sp_size 1, resident, untiled, base64)."""
+def plain(server, media, tmp_path_factory) -> dict[tuple[str, str, float], np.ndarray]:
+    """{(kind, chunking, cond_noise_scale): decoded frames} of the plain path (sp_size 1, resident, untiled,
+    base64)."""
     folder = tmp_path_factory.mktemp("plain")
     results = Short()
     for kind in ("image", "video"):
         for chunking in CHUNKING:
-            row = {**PLAIN, "media": kind, "chunking": chunking}
-            _, (frames,) = run(server, row, media, folder)
-            results[kind, chunking] = frames
+            for strength in STRENGTHS:
+                row = {**PLAIN, "media": kind, "chunking": chunking, "cond_noise_scale": strength}
+                _, (frames,) = run(server, row, media, folder)
+                results[kind, chunking, strength] = frames
     for key, frames in results.items():  # random weights still give detailed, non-constant results
         rgb = frames[..., :3]
         assert rgb.std() > 5 and len(np.unique(rgb)) > 50, (key, rgb.std())
-    video_chunk_max, video_chunk_mean, _ = differences(results["video", "chunked"], results["video", "whole"])
+    video_chunk_max, video_chunk_mean, _ = differences(results["video", "chunked", 0.0],
+                                                       results["video", "whole", 0.0])
     print(f"\nplain video, chunked vs whole clip: max {video_chunk_max}, mean {video_chunk_mean:.3f}")
     assert video_chunk_mean > 1.0, "chunk_frames did not change the video: no chunking happened?"
+    for kind in ("image", "video"):  # the strength really changes what comes out
+        assert differences(results[kind, "whole", STRENGTHS[1]], results[kind, "whole", 0.0])[1] > 1.0, kind
     # an image is one frame, shorter than any chunk: the chunk fields change nothing
-    assert np.array_equal(results["image", "chunked"], results["image", "whole"])
+    for strength in STRENGTHS:
+        assert np.array_equal(results["image", "chunked", strength], results["image", "whole", strength])
     return results
 
 
@@ -327,7 +338,7 @@ def test_combination(server, media, plain, job_tmp, tmp_path, row):
     _, decoded = run(server, row, media, tmp_path)
     figures = []
     for kind, frames in zip(ITEMS[row["media"]], decoded):
-        reference = plain[kind, row["chunking"]]
+        reference = plain[kind, row["chunking"], row["cond_noise_scale"]]
         if kind == "video":  # interpolated: every source frame is kept as it is, at its place (k = i * factor)
             frames = frames[::row["interpolate_factor"]]
         largest, mean, changed = differences(frames, reference)
