@@ -174,7 +174,7 @@ def object_key(job_id: str, path: Path) -> str:
     return f"{job}/{uuid.uuid4().hex[:8]}{extension}"
 
 
-def _s3_client(bucket: settings.Bucket) -> Any:
+def s3_client(bucket: settings.Bucket) -> Any:
     """An S3 client configured like rp_upload.get_boto_client, with a bounded connect timeout."""
     from boto3 import session
     from botocore.config import Config
@@ -202,21 +202,21 @@ def _upload(path: Path, target: settings.Bucket, *, job_id: str, mime: str) -> s
     key = object_key(job_id, path)
     started = time.monotonic()
     try:
-        client = _s3_client(target)
+        client = s3_client(target)
         client.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": mime})
         url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
                                             ExpiresIn=PRESIGNED_URL_LIFETIME_S)
     except (BotoCoreError, ClientError, Boto3Error, ValueError) as error:
         log.error("upload of %s to %s (bucket %s, key %s) failed", path, target.endpoint_url,
                   bucket, key, exc_info=True)
-        raise RestoreError(INTERNAL, f"uploading the result to the bucket failed ({_failure_reason(error)}); "
+        raise RestoreError(INTERNAL, f"uploading the result to the bucket failed ({failure_reason(error)}); "
                                      "see the worker log") from error
     log.info("uploaded %s (%d bytes) as %s/%s in %.1f s", path.name, path.stat().st_size, bucket, key,
              time.monotonic() - started)
     return url
 
 
-def _failure_reason(error: BaseException) -> str:
+def failure_reason(error: BaseException) -> str:
     """The S3 error code (e.g. NoSuchBucket, InvalidAccessKeyId) if there is one, else the error's type."""
     from botocore.exceptions import ClientError
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from seedvr import settings
 from seedvr.errors import INTERNAL, RestoreError
-from seedvr.io.delivery import _failure_reason, _s3_client  # the delivery's client: its timeouts and retries
+from seedvr.io.delivery import failure_reason, s3_client  # the delivery's client: its timeouts and retries
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class SegmentStore:
 
     def __init__(self, bucket: settings.Bucket) -> None:
         self.place = place_of(bucket.endpoint_url)
-        self._client: Any = _s3_client(replace(bucket, endpoint_url=self.place.endpoint_url))
+        self._client: Any = s3_client(replace(bucket, endpoint_url=self.place.endpoint_url))
 
     def _key(self, key: str) -> str:
         return self.place.prefix + key
@@ -143,4 +143,4 @@ class SegmentStore:
         log.error("the bucket could not %s %s (endpoint %s, bucket %s)", action, key, self.place.endpoint_url,
                   self.place.bucket, exc_info=error)
         return RestoreError(INTERNAL, f"the bucket could not {action} the intermediate {key} "
-                                      f"({_failure_reason(error)}); see the worker log")
+                                      f"({failure_reason(error)}); see the worker log")
