@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
-from worker_server import tiny_paths
+from worker_server import WorkerServer, make_job_tmp, tiny_environment, tiny_paths
 
 from seedvr.engine import memory_plan
 from seedvr.engine import upscaler as upscaler_module
@@ -316,3 +316,35 @@ def test_missing_seedvr2_weights_fall_back_to_the_upscaler(serve, upscaler_insta
     assert fallback["reason"].startswith("MODEL_NOT_AVAILABLE: ") and "seedvr2_ema_7b_sharp" in fallback["reason"]
     assert (fallback["upscaler"], fallback["instead_of"], answer["resolution"]) == (ESRGAN_NAME, "seedvr2_7b", "64x48")
     assert serve(request)["error"].startswith("MODEL_NOT_AVAILABLE: ")
+
+
+@pytest.mark.slow
+def test_an_upscaler_and_a_fallback_through_the_local_api(tiny_dir, networks, tmp_path):
+    """The runpod SDK's local API server (`python handler.py --rp_serve_api`): an upscaler request, then a 7B-sharp
+    request whose weights are missing, finished by the fallback upscaler."""
+    install = tmp_path / "install"
+    shutil.copytree(tiny_dir, install)
+    write_upscalers(install / "ckpts" / "upscalers", networks)
+    (install / "ckpts" / "seedvr2_ema_7b_sharp.pth").unlink()
+    job_tmp = make_job_tmp()
+    worker = WorkerServer(tiny_environment(install, job_tmp), tmp_path / "worker.log")
+    try:
+        path, _, _ = make_image(tmp_path, "rgba_png")
+        media = base64.b64encode(path.read_bytes()).decode()
+        answer = worker.runsync({"action": "restore", "media": media, "model_type": "upscaler",
+                                 "upscaler": COMPACT_NAME, "res_h": 96, "res_w": 128})
+        assert answer["status"] == "COMPLETED", answer
+        output = answer["output"]
+        assert (output["model_type"], output["model_variant"], output["resolution"]) == ("upscaler", COMPACT_NAME,
+                                                                                        "128x96")
+        assert decoded_image(output).mode == "RGBA"
+        answer = worker.runsync({"action": "restore", "media": media, "model_type": "seedvr2_7b",
+                                 "model_variant": "sharp", "res_h": 48, "res_w": 64,
+                                 "fallback_upscaler": ESRGAN_NAME})
+        assert answer["status"] == "COMPLETED", answer
+        fallback = answer["output"]["processing_info"]["fallback"]
+        assert fallback["upscaler"] == ESRGAN_NAME and fallback["reason"].startswith("MODEL_NOT_AVAILABLE: ")
+        assert worker.runsync({"action": "health"})["output"]["upscalers"] == [COMPACT_NAME, ESRGAN_NAME]
+    finally:
+        worker.stop()
+        shutil.rmtree(job_tmp, ignore_errors=True)
