@@ -15,19 +15,11 @@ primaries, transfer, range), BT.709 limited range otherwise; the RGB frames are 
 same matrix the reader used to make them RGB, so colours round-trip. Pixels are square (SAR 1:1).
 """
 
-import errno
 import logging
-import os
-import subprocess
-import tempfile
 from fractions import Fraction
 from pathlib import Path
-from types import TracebackType
-from typing import NoReturn
 
-import numpy as np
-
-from seedvr.errors import INTERNAL, RestoreError, is_no_space, no_space
+from seedvr.errors import INTERNAL, RestoreError
 from seedvr.io.media.encoders import (
     CODECS,
     CONTAINERS,
@@ -41,16 +33,14 @@ from seedvr.io.media.encoders import (
     video_encoder,
     video_tag,
 )
-from seedvr.io.media.ffmpeg import ColorTags, FfmpegError, ffmpeg_exe, list_streams, packet_timing, tail
+from seedvr.io.media.ffmpeg import ColorTags, FfmpegError, ffmpeg_exe, list_streams
+from seedvr.io.media.frame_pipe import FramePipeWriter
 from seedvr.io.media.retime import retime
-from seedvr.io.media.video import FrameTimes, stop_process
+from seedvr.io.media.video import FrameTimes
 
 logger = logging.getLogger(__name__)
 
 MAX_RATE_DENOMINATOR = 1001  # ffmpeg parses rates as num/den <= 1001000; keep them exact
-ENCODE_TIMEOUT_S = 600  # waiting for ffmpeg to finish after the last frame
-ENOSPC_EXIT = 256 - errno.ENOSPC  # ffmpeg's exit status for AVERROR(ENOSPC): its output disk is full
-NO_SPACE_MESSAGE = "No space left on device"  # what ffmpeg prints (strerror(ENOSPC)) when its output disk is full
 DEFAULT_COLOR = ColorTags("tv", "bt709", "bt709", "bt709")
 # The matrices the scale filter can convert RGB with: ffmpeg's tag name -> the scale filter's name.
 SCALE_MATRICES = {"bt709": "bt709", "bt470bg": "bt470", "smpte170m": "smpte170m", "smpte240m": "smpte240m",
@@ -66,15 +56,18 @@ def output_color(source: ColorTags | None) -> ColorTags:
                      source.primaries or DEFAULT_COLOR.primaries, source.transfer or DEFAULT_COLOR.transfer)
 
 
-class VideoWriter:
+class VideoWriter(FramePipeWriter):
     """Encode RGB frames into `path`; see the module docstring.
 
     `codec`, `crf` (None: the codec's default), `pix_fmt` and `container` (None: the codec's usual one)
     are described in seedvr.io.media.encoders; ValueError for a value out of range or a container that
     cannot hold the codec. Odd sizes are padded by repeating the last row/column where the codec and pixel
-    format need even ones (seedvr.io.media.encoders.frame_padding). Leaving the block checks that the file
-    holds exactly the frames written; ffmpeg is killed and partial files are removed on every path out.
+    format need even ones (seedvr.io.media.encoders.frame_padding). The life cycle (checks, clean-up,
+    errors) is seedvr.io.media.frame_pipe's.
     """
+
+    failure = "video encoding failed"
+    doing = "encoding the restored video"
 
     def __init__(
         self,
@@ -101,24 +94,23 @@ class VideoWriter:
         self.codec, self.crf, self.pix_fmt = codec, resolve_crf(codec, crf), pix_fmt
         self.container = container_for(codec, container)
         self.encoder = video_encoder(codec, pix_fmt, (width, height))
-        self.path = Path(path)
-        self.width, self.height, self.fps = width, height, fps
+        super().__init__(Path(path), width, height, frame_padding(codec, pix_fmt, width, height))
+        self.fps = fps
         self.frame_times = frame_times
         self.color = output_color(color)
-        self.frames_written = 0
-        self._pad = frame_padding(codec, pix_fmt, width, height)
         spec = CONTAINERS[self.container]
         # A variable rate is encoded at the constant average rate first, then given the source's timestamps.
-        self._encoded_path = self.path.with_name(f"{self.path.stem}.constant-rate.{spec.extension}") \
-            if frame_times is not None else self.path
-        self._stderr = tempfile.TemporaryFile()
+        self._encoded_path = self.path
+        if frame_times is not None:
+            self._encoded_path = self.path.with_name(f"{self.path.stem}.constant-rate.{spec.extension}")
+            self._intermediates.append(self._encoded_path)
         rate = f"{fps.numerator}/{fps.denominator}"
         color_tags = self.color
-        command = [
+        audio = self._audio_input(Path(audio_source) if audio_source is not None else None, audio_window)
+        self._start([
             ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width + self._pad[1]}x{height + self._pad[0]}",
-            "-framerate", rate, "-i", "pipe:0",
-            *self._audio_input(Path(audio_source) if audio_source is not None else None, audio_window),
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", self.piped_size, "-framerate", rate, "-i", "pipe:0",
+            *audio,
             # Without setparams only the matrix gets tagged; the scale filter converts with the tagged
             # matrix and range (and does the 8-bit -> 10-bit conversion for the 10-bit formats).
             "-vf", f"setparams=color_primaries={color_tags.primaries}:color_trc={color_tags.transfer},"
@@ -129,67 +121,19 @@ class VideoWriter:
             "-color_trc", str(color_tags.transfer), "-color_range", str(color_tags.range),
             "-fps_mode", "cfr", "-r", rate, "-map_metadata", "-1", *spec.muxer_options,
             "-f", spec.muxer, str(self._encoded_path),
-        ]
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr
-        )
+        ])
 
     @property
     def mime(self) -> str:
         return CONTAINERS[self.container].mime
 
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._abort()
-
-    def write(self, frame: np.ndarray) -> None:
-        if frame.dtype != np.uint8 or frame.shape != (self.height, self.width, 3):
-            raise ValueError(
-                f"frame must be uint8 ({self.height}, {self.width}, 3), got {frame.dtype} {frame.shape}"
-            )
-        if any(self._pad):
-            frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
-        assert self._process.stdin is not None  # stdin=PIPE
-        try:
-            self._process.stdin.write(np.ascontiguousarray(frame).data)
-        except (BrokenPipeError, ValueError) as err:  # ffmpeg died / pipe already closed
-            self._fail(f"ffmpeg stopped accepting frames after {self.frames_written}", err)
-        self.frames_written += 1
-
-    def close(self) -> None:
-        """Finish the file: flush the encoder, give a variable rate its timestamps, check the frame count."""
-        assert self._process.stdin is not None  # stdin=PIPE
-        if self._process.stdin.closed:
+    def _after_encode(self) -> None:
+        """A variable rate: the constant-rate packets get the source's timestamps."""
+        if self.frame_times is None:
             return
-        try:
-            self._process.stdin.close()
-            returncode = self._process.wait(timeout=ENCODE_TIMEOUT_S)
-        except (BrokenPipeError, subprocess.TimeoutExpired) as err:
-            self._fail("ffmpeg did not finish the video", err)
-        if returncode != 0:
-            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if returncode == ENOSPC_EXIT else None
-            self._fail(f"ffmpeg exited with {returncode}", full)
-        try:
-            if self.frame_times is not None:
-                if len(self.frame_times.starts) != self.frames_written:
-                    self._fail(f"{self.frames_written} frames were written for {len(self.frame_times.starts)} "
-                               "timestamps")
-                retime(self._encoded_path, self.path, self.frame_times, self.fps, CONTAINERS[self.container])
-            written = packet_timing(self.path, 0).count
-        except FfmpegError as err:
-            self._fail(str(err), err)
-        except OSError as err:  # PyAV's errors, a full disk among them
-            self._fail(f"the timestamps could not be written: {err}", err)
-        finally:
-            self._abort()
-        if written != self.frames_written:
-            self._fail(f"the encoded file holds {written} frames, {self.frames_written} were written")
+        if len(self.frame_times.starts) != self.frames_written:
+            self._fail(f"{self.frames_written} frames were written for {len(self.frame_times.starts)} timestamps")
+        retime(self._encoded_path, self.path, self.frame_times, self.fps, CONTAINERS[self.container])
 
     def _audio_input(self, source: Path | None, window: tuple[float, float] | None) -> list[str]:
         """The ffmpeg arguments that add the first audio stream of `source`, copied or re-encoded; only
@@ -210,26 +154,3 @@ class VideoWriter:
     def _video_tag(self) -> list[str]:
         tag = video_tag(self.codec, self.container)
         return ["-tag:v", tag] if tag else []
-
-    def _abort(self) -> None:
-        """Stop ffmpeg (if still running) and drop the intermediate file."""
-        stop_process(self._process)
-        if self._encoded_path != self.path:
-            self._encoded_path.unlink(missing_ok=True)
-        self._stderr.close()
-
-    def _fail(self, reason: str, cause: BaseException | None = None) -> NoReturn:
-        """Log ffmpeg's last words, remove any partial output, raise INTERNAL."""
-        if isinstance(cause, FfmpegError):
-            stderr = cause.stderr_tail
-        elif not self._stderr.closed:
-            self._stderr.seek(0)
-            stderr = tail(self._stderr.read().decode(errors="replace"))
-        else:
-            stderr = ""
-        logger.error("encoding %s failed: %s\n%s", self.path.name, reason, stderr)
-        self._abort()
-        self.path.unlink(missing_ok=True)
-        if NO_SPACE_MESSAGE in stderr or is_no_space(cause):
-            raise no_space(self.path.parent, "encoding the restored video") from cause
-        raise RestoreError(INTERNAL, f"video encoding failed: {reason}") from cause
